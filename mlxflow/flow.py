@@ -1,0 +1,146 @@
+"""The probability path, training targets, time samplers and guidance.
+
+Convention, used everywhere in mlxflow:
+
+    t = 0 is noise, t = 1 is data
+    x_t = (1 - t) * x0 + t * x1          x0 ~ N(0, I), x1 = data
+    v   = dx_t/dt = x1 - x0              (the velocity a network is trained to predict)
+
+Every function here uses only arithmetic and a handful of elementwise ops picked
+from the array's own framework, so the same math serves mx.array, torch.Tensor and
+numpy arrays (the torch twin and the Core ML sampling loop share it; nothing is forked).
+"""
+
+from __future__ import annotations
+
+import math
+
+from .errors import MlxflowError
+
+
+def _xp(a):
+    """The array namespace of `a`: mlx.core, torch or numpy."""
+    mod = type(a).__module__
+    if mod.startswith("mlx"):
+        import mlx.core as mx
+
+        return mx
+    if mod.startswith("torch"):
+        import torch
+
+        return torch
+    import numpy as np
+
+    return np
+
+
+def _expand(t, x):
+    """Reshape per-sample t (B,) so it broadcasts against x (B, ...)."""
+    if getattr(t, "ndim", 0) == 0:
+        return t
+    return t.reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+# --- the path --------------------------------------------------------------------
+
+def interpolate(x0, x1, t):
+    """x_t on the straight path; t has shape (B,) or is a scalar."""
+    t = _expand(t, x1)
+    return (1 - t) * x0 + t * x1
+
+
+def velocity_target(x0, x1):
+    return x1 - x0
+
+
+def x_to_velocity(x_pred, x_t, t, t_eps: float = 0.05):
+    """Clean-image prediction -> velocity: v = (x1_hat - x_t) / (1 - t).
+
+    1 - t is clamped at t_eps because the division blows up as t -> 1 (JiT does the same).
+    """
+    xp = _xp(x_t)
+    one_minus_t = _expand(1 - t, x_t)
+    one_minus_t = xp.maximum(one_minus_t, t_eps) if xp.__name__ != "torch" else one_minus_t.clamp(min=t_eps)
+    return (x_pred - x_t) / one_minus_t
+
+
+def velocity_to_x(v, x_t, t):
+    """Velocity -> clean image: x1 = x_t + (1 - t) v."""
+    return x_t + _expand(1 - t, x_t) * v
+
+
+def velocity_to_noise(v, x_t, t):
+    """Velocity -> noise: x0 = x_t - t v."""
+    return x_t - _expand(t, x_t) * v
+
+
+# --- time samplers -----------------------------------------------------------------
+# Samplers are deterministic transforms of base draws (uniform u or standard normal z)
+# that the caller makes with its own framework's RNG, so MLX and torch share them.
+
+def shift_time(t, shift: float):
+    """Resolution shift: t' = t / (t + s (1 - t)).
+
+    With s > 1 more of the schedule is spent near noise (t small), which larger images
+    need because the same noise level destroys less of their signal. s = 1 is identity.
+    In terms of the noise level sigma = 1 - t this is sigma' = s sigma / (1 + (s-1) sigma).
+    """
+    if shift == 1.0:
+        return t
+    return t / (t + shift * (1 - t))
+
+
+def resolution_shift(image_size: int, base_size: int = 64) -> float:
+    """A shift that keeps per-pixel SNR comparable across resolutions: sqrt(pixels ratio)."""
+    return math.sqrt((image_size * image_size) / (base_size * base_size))
+
+
+def uniform_time(u, shift: float = 1.0):
+    return shift_time(u, shift)
+
+
+def stratified_time(u, shift: float = 1.0):
+    """One sample per stratum [i/B, (i+1)/B): lower-variance coverage of [0, 1] per batch."""
+    xp = _xp(u)
+    n = u.shape[0]
+    i = xp.arange(n, dtype=u.dtype) if xp.__name__ != "torch" else xp.arange(n, dtype=u.dtype, device=u.device)
+    return shift_time((i + u) / n, shift)
+
+
+def logit_normal_time(z, mean: float = 0.0, std: float = 1.0, shift: float = 1.0):
+    """t = sigmoid(mean + std * z), then the resolution shift."""
+    xp = _xp(z)
+    return shift_time(xp.sigmoid(mean + std * z) if xp.__name__ != "numpy" else 1 / (1 + xp.exp(-(mean + std * z))), shift)
+
+
+TIME_SAMPLERS = ("uniform", "stratified", "logit_normal")
+
+
+def sample_time(kind: str, draw_uniform, draw_normal, n: int, mean=0.0, std=1.0, shift=1.0):
+    """Draw n training times. `draw_uniform(n)` / `draw_normal(n)` come from the caller's RNG."""
+    if kind == "uniform":
+        return uniform_time(draw_uniform(n), shift)
+    if kind == "stratified":
+        return stratified_time(draw_uniform(n), shift)
+    if kind == "logit_normal":
+        return logit_normal_time(draw_normal(n), mean, std, shift)
+    raise MlxflowError(f"unknown time sampler '{kind}' (known: {', '.join(TIME_SAMPLERS)})")
+
+
+def time_grid(steps: int, shift: float = 1.0):
+    """The solver's time points t_0=0 < ... < t_steps=1 as Python floats."""
+    if steps < 1:
+        raise MlxflowError(f"steps must be >= 1, got {steps}")
+    return [float(shift_time(i / steps, shift)) for i in range(steps + 1)]
+
+
+# --- guidance ----------------------------------------------------------------------
+
+def cfg_combine(v_cond, v_uncond, scale: float):
+    """Classifier-free guidance: v_u + s (v_c - v_u). s = 1 is plain conditional."""
+    return v_uncond + scale * (v_cond - v_uncond)
+
+
+def guidance_active(t: float, interval: tuple[float, float] | None) -> bool:
+    """Whether guidance applies at time t (JiT applies CFG only inside an interval)."""
+    return interval is None or interval[0] <= t <= interval[1]
