@@ -1,0 +1,1 @@
+"""Weight maps between MLX and PyTorch, model imports and exports (pure functions)."""

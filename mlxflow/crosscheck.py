@@ -1,0 +1,403 @@
+"""Numerical cross-check of an MLX model against its PyTorch twin.
+
+Both frameworks get the SAME weights (fp32) and the SAME inputs (drawn once with numpy,
+transposed NHWC <-> NCHW at the boundary). We compare:
+
+  * every block's output (stem, each down stage, mid, each up stage) and the final output
+    of one forward pass, to localise where two implementations part ways;
+  * the final image of a guided N-step sampling trajectory (mlxflow.solvers on both sides);
+  * one AdamW training step: loss, gradients, gradient norm and the updated weights.
+
+Errors are max |mlx - torch|; rel_err = max_abs / max |torch| (torch is the reference).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .config import TrainConfig
+from .errors import MlxflowError
+from .solvers import guided, integrate
+
+# Why the looser tolerances:
+# - a trajectory runs 2 * steps network evaluations (Heun) with CFG, which multiplies the
+#   per-evaluation difference (v_c - v_u) by the guidance scale, and each step feeds the
+#   next; fp32 round-off therefore grows roughly with steps * cfg_scale, so the final
+#   image is held to TRAJ_FACTOR * tol.
+# - the updated weights after one AdamW step: Adam's first step is ~lr * g / (|g| + eps),
+#   whose derivative near g = 0 is lr / eps (1e5 * lr), so gradient entries that are ~0 up
+#   to fp32 noise can legitimately move differently by a sizeable fraction of lr. We hold
+#   the update (w_new - w_old) to UPDATE_REL * lr instead of tol.
+TRAJ_FACTOR = 10.0
+GRAD_REL = 1e-3  # gradients: relative to the largest gradient entry (sums over the batch)
+UPDATE_REL = 0.05  # updated weights: max-abs difference as a fraction of the learning rate
+
+
+@dataclass
+class Row:
+    """One comparison: max |a - b|, that over max |reference|, and the limit it is held to.
+
+    `metric` says which of max_abs / rel_err is held to `limit` ("abs" or "rel").
+    """
+
+    name: str
+    max_abs: float
+    rel_err: float
+    limit: float
+    metric: str = "abs"
+
+    @property
+    def passed(self) -> bool:
+        value = self.max_abs if self.metric == "abs" else self.rel_err
+        return bool(np.isfinite(value)) and value <= self.limit
+
+
+@dataclass
+class Report:
+    rows: list[Row] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.rows) and all(r.passed for r in self.rows)
+
+    def row(self, name: str) -> Row:
+        for r in self.rows:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+
+def compare(name: str, mine, reference, limit: float, metric: str = "abs") -> Row:
+    """A Row for two numpy arrays of the same shape (`reference` from torch)."""
+    a, b = np.asarray(mine, np.float64), np.asarray(reference, np.float64)
+    if a.shape != b.shape:
+        raise AssertionError(f"{name}: shapes differ, {a.shape} vs {b.shape}")
+    max_abs = float(np.max(np.abs(a - b))) if a.size else 0.0
+    scale = float(np.max(np.abs(b))) if b.size else 0.0
+    return Row(name, max_abs, max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf")), limit, metric)
+
+
+# --- boundary helpers --------------------------------------------------------------
+
+def _nchw(a: np.ndarray) -> np.ndarray:
+    """NHWC -> NCHW for images/feature maps; other ranks unchanged."""
+    return np.ascontiguousarray(a.transpose(0, 3, 1, 2)) if a.ndim == 4 else a
+
+
+def _nhwc(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a.transpose(0, 2, 3, 1)) if a.ndim == 4 else a
+
+
+def _torch_setup(device: str):
+    import torch
+
+    if device.startswith("cuda"):
+        # TF32 would make fp32 matmuls/convs ~1e-3 accurate: not a parity test any more.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return torch
+
+
+def probe_points(model_config, family: str = "emoji") -> list[str]:
+    """Names of the submodules whose outputs are compared, in execution order."""
+    if family != "emoji":
+        raise MlxflowError(f"crosscheck does not know the blocks of family '{family}'")
+    n = model_config.levels
+    return ["time_embed", "stem", *[f"down.{i}" for i in range(n)], "mid", *[f"up.{i}" for i in range(n)]]
+
+
+def _mlx_submodule(model, name: str):
+    obj = model
+    for part in name.split("."):
+        obj = obj[int(part)] if isinstance(obj, list) else getattr(obj, part)
+    return obj
+
+
+@contextlib.contextmanager
+def _mlx_taps(model, names: list[str], store: dict):
+    """Record the outputs of MLX submodules by swapping each instance's class for a subclass
+    whose __call__ also stores the result (MLX has no forward hooks; the parameter tree and
+    the model's code stay untouched). Restored on exit."""
+    swapped = []
+    try:
+        for name in names:
+            mod = _mlx_submodule(model, name)
+            cls = type(mod)
+
+            def __call__(self, *args, _name=name, _cls=cls, **kwargs):
+                out = _cls.__call__(self, *args, **kwargs)
+                store[_name] = out
+                return out
+
+            mod.__class__ = type(f"Tapped{cls.__name__}", (cls,), {"__call__": __call__})
+            swapped.append((mod, cls))
+        yield store
+    finally:
+        for mod, cls in swapped:
+            mod.__class__ = cls
+
+
+@contextlib.contextmanager
+def _torch_taps(model, names: list[str], store: dict):
+    handles = []
+    try:
+        for name in names:
+            def hook(_module, _inputs, output, _name=name):
+                store[_name] = output.detach()
+
+            handles.append(model.get_submodule(name).register_forward_hook(hook))
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def make_inputs(model_config, batch: int, seed: int) -> dict[str, np.ndarray]:
+    """numpy inputs in MLX layout: x (B,H,W,C) noise-like, t (B,) in (0,1), text (B,L,D)."""
+    rng = np.random.default_rng(seed)
+    s, c = model_config.image_size, model_config.in_channels
+    return {
+        "x": rng.standard_normal((batch, s, s, c)).astype(np.float32),
+        "t": rng.uniform(0.02, 0.98, size=batch).astype(np.float32),
+        "text": rng.standard_normal((batch, model_config.text_tokens, model_config.text_dim)).astype(np.float32),
+    }
+
+
+# --- the three comparisons ----------------------------------------------------------
+
+def compare_forward(mlx_model, torch_model, inputs: dict, *, tol: float, device: str = "cpu",
+                    family: str = "emoji") -> list[Row]:
+    """Per-block rows (held to rel_err <= tol: activations grow through the net) and the final
+    output (held to max_abs <= tol)."""
+    import mlx.core as mx
+
+    torch = _torch_setup(device)
+    names = probe_points(mlx_model.config, family)
+    m_store, t_store = {}, {}
+    with _mlx_taps(mlx_model, names, m_store):
+        out_m = mlx_model(mx.array(inputs["x"]), mx.array(inputs["t"]), mx.array(inputs["text"]))
+        mx.eval(out_m, m_store)
+    with _torch_taps(torch_model, names, t_store), torch.no_grad():
+        out_t = torch_model(torch.from_numpy(_nchw(inputs["x"])).to(device), torch.from_numpy(inputs["t"]).to(device),
+                            torch.from_numpy(inputs["text"]).to(device))
+    rows = [compare(f"block {n}", _nchw(np.array(m_store[n])), t_store[n].cpu().numpy(), tol, "rel") for n in names]
+    rows.append(compare("forward output", _nchw(np.array(out_m)), out_t.cpu().numpy(), tol))
+    return rows
+
+
+def compare_trajectory(mlx_model, torch_model, model_config, *, batch: int, steps: int, solver: str,
+                       cfg_scale: float, seed: int, tol: float, device: str = "cpu") -> Row:
+    """Final image of a guided `steps`-step solve from the same noise, same text on both sides."""
+    import mlx.core as mx
+
+    torch = _torch_setup(device)
+    inp = make_inputs(model_config, batch, seed + 1)
+    uncond = np.zeros_like(inp["text"])  # the unconditional branch is the zeroed embedding
+
+    def mlx_fn(x, t, text):
+        return mlx_model(x, mx.full((x.shape[0],), t, dtype=mx.float32), text)
+
+    x = mx.array(inp["x"])
+    for _, _, x in integrate(guided(mlx_fn, mx.array(inp["text"]), mx.array(uncond), cfg_scale), x, steps, solver):
+        mx.eval(x)
+    final_m = np.array(x)
+
+    def torch_fn(x, t, text):
+        return torch_model(x, torch.full((x.shape[0],), t, dtype=torch.float32, device=device), text)
+
+    def tt(a):
+        return torch.from_numpy(a).to(device)
+
+    with torch.no_grad():
+        xt = tt(_nchw(inp["x"]))
+        for _, _, xt in integrate(guided(torch_fn, tt(inp["text"]), tt(uncond), cfg_scale), xt, steps, solver):
+            pass
+    return compare(f"trajectory ({solver}, {steps} steps, cfg {cfg_scale:g})", _nchw(final_m), xt.cpu().numpy(),
+                   TRAJ_FACTOR * tol)
+
+
+def _mlx_loss_fn():
+    try:
+        from .train import flow_matching_loss
+    except ImportError:  # the trainer is not there (yet): the same one-line velocity MSE
+        import mlx.core as mx
+
+        def flow_matching_loss(model, x1, x0, t, text):
+            tt = t[:, None, None, None]
+            return mx.mean(mx.square(model((1 - tt) * x0 + tt * x1, t, text) - (x1 - x0)))
+    return flow_matching_loss
+
+
+def _torch_loss_fn():
+    try:
+        from .torch_ref.train import flow_matching_loss
+    except ImportError:  # the torch trainer is not there (yet): the same one-line velocity MSE
+        import torch
+
+        def flow_matching_loss(model, x1, x0, t, text):
+            tt = t[:, None, None, None]
+            return torch.mean(torch.square(model((1 - tt) * x0 + tt * x1, t, text) - (x1 - x0)))
+    return flow_matching_loss
+
+
+def compare_train_step(mlx_model, torch_model, model_config, train_config: TrainConfig, *, batch: int, seed: int,
+                       tol: float, device: str = "cpu", family: str = "emoji") -> list[Row]:
+    """One AdamW step on the same batch from the same weights on both sides.
+
+    Both models are restored to their original weights afterwards.
+    """
+    import mlx.core as mx
+    import mlx.nn as mnn
+    import mlx.optimizers as optim
+    from mlx.utils import tree_flatten
+
+    torch = _torch_setup(device)
+    rng = np.random.default_rng(seed + 2)
+    s, c = model_config.image_size, model_config.in_channels
+    x1 = np.tanh(rng.standard_normal((batch, s, s, c))).astype(np.float32)  # image-like, in (-1, 1)
+    x0 = rng.standard_normal((batch, s, s, c)).astype(np.float32)
+    t = rng.uniform(0.0, 1.0, size=batch).astype(np.float32)
+    text = rng.standard_normal((batch, model_config.text_tokens, model_config.text_dim)).astype(np.float32)
+    if batch > 1:
+        text[-1] = 0.0  # condition dropout already applied: the last sample is unconditional
+    cfg = train_config
+    lr, betas, wd, clip = float(cfg.lr), tuple(float(b) for b in cfg.betas), float(cfg.weight_decay), float(cfg.grad_clip)
+
+    # MLX side.
+    saved_m = mlx_model.parameters()
+    before = {k: np.array(v) for k, v in tree_flatten(saved_m)}
+    loss_fn = _mlx_loss_fn()
+    value_and_grad = mnn.value_and_grad(mlx_model, lambda *a: loss_fn(mlx_model, *a))
+    loss_m, grads_m = value_and_grad(mx.array(x1), mx.array(x0), mx.array(t), mx.array(text))
+    raw_grads_m = dict(tree_flatten(grads_m))
+    norm_m = mx.sqrt(sum(mx.sum(mx.square(g)) for g in raw_grads_m.values()))
+    if clip > 0:
+        grads_m, norm_m = optim.clip_grad_norm(grads_m, clip)
+    # bias_correction=True is torch's Adam; MLX's default (False) skips it.
+    opt = optim.AdamW(learning_rate=lr, betas=list(betas), eps=1e-8, weight_decay=wd, bias_correction=True)
+    opt.update(mlx_model, grads_m)
+    mx.eval(loss_m, raw_grads_m, norm_m, mlx_model.parameters())
+    after_m = {k: np.array(v) for k, v in tree_flatten(mlx_model.parameters())}
+    mlx_model.update(saved_m)
+
+    # torch side.
+    saved_t = {k: v.detach().clone() for k, v in torch_model.state_dict().items()}
+    was_training = torch_model.training
+    torch_model.train()
+    params = dict(torch_model.named_parameters())
+    for p in params.values():
+        p.grad = None
+
+    def tt(a, layout=False):
+        return torch.from_numpy(_nchw(a) if layout else a).to(device)
+
+    loss_t = _torch_loss_fn()(torch_model, tt(x1, True), tt(x0, True), tt(t), tt(text))
+    loss_t.backward()
+    raw_grads_t = {k: p.grad.detach().clone() for k, p in params.items()}
+    if clip > 0:
+        norm_t = torch.nn.utils.clip_grad_norm_(list(params.values()), clip)
+    else:
+        norm_t = torch.sqrt(sum(torch.sum(g * g) for g in raw_grads_t.values()))
+    opt_t = torch.optim.AdamW(list(params.values()), lr=lr, betas=betas, eps=1e-8, weight_decay=wd)
+    opt_t.step()
+    after_t = {k: v.detach().clone() for k, v in torch_model.state_dict().items()}
+    torch_model.load_state_dict(saved_t)
+    torch_model.train(was_training)
+    for p in params.values():
+        p.grad = None
+
+    # Compare in MLX layout: torch tensors go through the same layout map as checkpoints.
+    from convert.torch_mlx import torch_to_mlx
+
+    g_t = torch_to_mlx(raw_grads_t, model_config, family)
+    w_t = torch_to_mlx(after_t, model_config, family)
+    g_m = {k: np.array(v) for k, v in raw_grads_m.items()}
+    keys = sorted(g_m)
+    flat = lambda d: np.concatenate([d[k].ravel() for k in keys])  # noqa: E731
+    return [
+        compare("train loss", np.array(loss_m), loss_t.detach().cpu().numpy(), tol),
+        compare("train grad norm", np.array(norm_m), norm_t.detach().cpu().numpy(), tol, "rel"),
+        compare("train gradients (all params)", flat(g_m), flat(g_t), GRAD_REL, "rel"),
+        compare("train updated weights", flat(after_m), flat(w_t), UPDATE_REL * lr),
+    ]
+
+
+# --- entry points -------------------------------------------------------------------
+
+def crosscheck_models(mlx_model, torch_model, model_config, *, train_config: TrainConfig | None = None,
+                      batch: int = 2, steps: int = 8, solver: str = "heun", cfg_scale: float = 3.0, seed: int = 0,
+                      tol: float = 1e-4, device: str = "cpu", train_step: bool = True,
+                      family: str = "emoji") -> Report:
+    """Cross-check two already-loaded models (the function-level entry tests use)."""
+    report = Report(info={"device": device, "batch": batch, "steps": steps, "solver": solver,
+                          "cfg_scale": cfg_scale, "seed": seed, "tol": tol})
+    inputs = make_inputs(model_config, batch, seed)
+    report.rows += compare_forward(mlx_model, torch_model, inputs, tol=tol, device=device, family=family)
+    if steps > 0:
+        report.rows.append(compare_trajectory(mlx_model, torch_model, model_config, batch=batch, steps=steps,
+                                              solver=solver, cfg_scale=cfg_scale, seed=seed, tol=tol, device=device))
+    if train_step:
+        report.rows += compare_train_step(mlx_model, torch_model, model_config, train_config or TrainConfig(),
+                                          batch=batch, seed=seed, tol=tol, device=device, family=family)
+    return report
+
+
+def crosscheck(ckpt_path, *, batch: int = 2, steps: int = 8, solver: str = "heun", cfg_scale: float = 3.0,
+               seed: int = 0, tol: float = 1e-4, device: str = "cpu", train_step: bool = True,
+               use_ema: bool = True, train_config: TrainConfig | None = None) -> Report:
+    """Load the checkpoint's weights (fp32) into the MLX model and its torch twin; compare.
+
+    The train step uses the checkpoint's train config (lr, betas, weight decay, clip) unless
+    `train_config` is given.
+    """
+    from convert.torch_mlx import load_mlx_model, load_torch_model
+
+    if batch < 1:
+        raise MlxflowError(f"batch must be >= 1, got {batch}")
+    mlx_model, ckpt = load_mlx_model(ckpt_path, use_ema=use_ema)
+    torch_model, _ = load_torch_model(ckpt, device=device, use_ema=use_ema)
+    report = crosscheck_models(mlx_model, torch_model, ckpt.model_config, train_config=train_config or ckpt.train_config,
+                               batch=batch, steps=steps, solver=solver, cfg_scale=cfg_scale, seed=seed, tol=tol,
+                               device=device, train_step=train_step, family=ckpt.family)
+    report.info["checkpoint"] = str(ckpt.path)
+    return report
+
+
+def render(report: Report):
+    """A rich Table of the report's rows."""
+    from rich.table import Table
+
+    title = "MLX vs PyTorch cross-check" + (f" ({report.info['checkpoint']})" if "checkpoint" in report.info else "")
+    table = Table(title=title, caption=f"device {report.info.get('device', '?')}; "
+                  f"rel err = max abs / max |torch|")
+    table.add_column("check")
+    table.add_column("max abs", justify="right")
+    table.add_column("rel err", justify="right")
+    table.add_column("limit", justify="right")
+    table.add_column("", justify="center")
+    for r in report.rows:
+        table.add_row(r.name, f"{r.max_abs:.2e}", f"{r.rel_err:.2e}", f"{r.metric} <= {r.limit:.0e}",
+                      "[green]ok[/green]" if r.passed else "[red]FAIL[/red]")
+    return table
+
+
+def run_crosscheck_cli(ckpt_path, *, console=None, **kwargs) -> int:
+    """Run `crosscheck`, print the table and a verdict; exit code 0 when it passed, 1 otherwise.
+
+    MlxflowError (bad path, checkpoint that does not fit) propagates for the CLI to print.
+    """
+    from rich.console import Console
+
+    console = console or Console()
+    report = crosscheck(ckpt_path, **kwargs)
+    console.print(render(report))
+    failed = [r.name for r in report.rows if not r.passed]
+    if failed:
+        console.print(f"[red]cross-check failed:[/red] {', '.join(failed)}")
+        return 1
+    console.print("[green]cross-check passed[/green]")
+    return 0

@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny configs and a synthetic dataset, so the suite runs offline and fast."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mlxflow.config import EmojiConfig, TrainConfig  # noqa: E402
+
+
+def micro_emoji_config(**overrides) -> EmojiConfig:
+    """A ~60k-parameter U-Net on 16x16 images: every block type, milliseconds per step."""
+    base = dict(image_size=16, channels=(16, 32), blocks_per_level=1, self_attn_levels=(1,),
+                cross_attn_levels=(0, 1), heads=2, groups=8, cond_dim=32, text_dim=8, text_tokens=1)
+    return EmojiConfig(**{**base, **overrides})
+
+
+def make_shapes_dataset(path: Path, n: int = 16, size: int = 16, seed: int = 0):
+    """Coloured squares/discs on white, captions naming colour and shape; text = one-hot-ish codes."""
+    from mlxflow.data.dataset import ImageTextDataset, write_dataset_folder
+
+    rng = np.random.default_rng(seed)
+    colours = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (30, 60, 220), "yellow": (240, 200, 20)}
+    yy, xx = np.mgrid[:size, :size]
+    images, captions = [], []
+    for i in range(n):
+        name = list(colours)[i % 4]
+        shape = "disc" if (i // 4) % 2 else "square"
+        im = np.full((size, size, 3), 255, np.uint8)
+        c = size // 2 + rng.integers(-1, 2)
+        r = size // 4
+        mask = ((yy - c) ** 2 + (xx - c) ** 2 <= r * r) if shape == "disc" else (abs(yy - c) <= r) & (abs(xx - c) <= r)
+        im[mask] = colours[name]
+        images.append(im)
+        captions.append({"text": f"{name} {shape}"})
+    write_dataset_folder(path, np.stack(images), captions, {"kind": "folder", "size": size})
+    ds = ImageTextDataset.load(path)
+    emb = np.zeros((n, 1, 8), np.float32)
+    for i in range(n):
+        emb[i, 0, i % 4] = 1.0
+        emb[i, 0, 4 + (i // 4) % 2] = 1.0
+    return ds, emb
+
+
+@pytest.fixture
+def shapes_dataset(tmp_path):
+    return make_shapes_dataset(tmp_path / "shapes")
+
+
+@pytest.fixture
+def micro_config():
+    return micro_emoji_config()
+
+
+def quick_train_config(**overrides) -> TrainConfig:
+    base = dict(steps=6, batch_size=8, lr=2e-3, warmup_steps=2, ema_decay=0.9, ckpt_every=3, log_every=1,
+                keep_checkpoints=5, cond_dropout=0.15, seed=0)
+    return TrainConfig(**{**base, **overrides})

@@ -1,0 +1,82 @@
+"""Flow path, targets and time samplers against closed-form answers."""
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+
+from mlxflow import flow
+from mlxflow.errors import MlxflowError
+
+
+def test_path_endpoints_and_velocity():
+    rng = np.random.default_rng(0)
+    x0, x1 = rng.normal(size=(3, 4, 4, 3)), rng.normal(size=(3, 4, 4, 3))
+    assert np.allclose(flow.interpolate(x0, x1, np.zeros(3)), x0)
+    assert np.allclose(flow.interpolate(x0, x1, np.ones(3)), x1)
+    t = np.array([0.2, 0.5, 0.9])
+    xt = flow.interpolate(x0, x1, t)
+    # finite difference along the path equals the velocity target
+    h = 1e-6
+    assert np.allclose((flow.interpolate(x0, x1, t + h) - xt) / h, flow.velocity_target(x0, x1), atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "mlx", "torch"])
+def test_target_round_trips(backend):
+    rng = np.random.default_rng(1)
+    arrays = [rng.normal(size=(4, 2, 2, 3)).astype(np.float32) for _ in range(2)]
+    t_np = np.array([0.1, 0.3, 0.6, 0.85], np.float32)
+    conv = {"numpy": np.asarray, "mlx": mx.array, "torch": torch.from_numpy}[backend]
+    x0, x1, t = conv(arrays[0]), conv(arrays[1]), conv(t_np)
+    xt = flow.interpolate(x0, x1, t)
+    v = flow.velocity_target(x0, x1)
+    # x-prediction of the true clean image maps to the true velocity (t below the clamp)
+    assert np.allclose(np.asarray(flow.x_to_velocity(x1, xt, t)), np.asarray(v), atol=1e-4)
+    assert np.allclose(np.asarray(flow.velocity_to_x(v, xt, t)), np.asarray(x1), atol=1e-5)
+    assert np.allclose(np.asarray(flow.velocity_to_noise(v, xt, t)), np.asarray(x0), atol=1e-5)
+
+
+def test_x_to_velocity_clamps_near_data():
+    xt, x = np.zeros((1, 2)), np.ones((1, 2))
+    v = flow.x_to_velocity(x, xt, np.array([1.0]), t_eps=0.05)
+    assert np.all(np.isfinite(v)) and np.allclose(v, 20.0)
+
+
+def test_shift_time():
+    t = np.linspace(0, 1, 11)
+    assert np.allclose(flow.shift_time(t, 1.0), t)
+    s = flow.shift_time(t, 3.0)
+    assert s[0] == 0 and s[-1] == 1 and np.all(np.diff(s) > 0)
+    assert np.all(s[1:-1] < t[1:-1])  # shift > 1 moves time towards noise
+    # sigma form: sigma' = s sigma / (1 + (s-1) sigma)
+    sigma = 1 - t
+    assert np.allclose(1 - s, 3 * sigma / (1 + 2 * sigma))
+    assert flow.resolution_shift(128, 64) == pytest.approx(2.0)
+
+
+def test_time_samplers():
+    rng = np.random.default_rng(2)
+    u = rng.random(1000)
+    strat = flow.stratified_time(u)
+    # exactly one sample per stratum
+    assert np.array_equal(np.floor(strat * 1000).astype(int), np.arange(1000))
+    z = rng.normal(size=200_000)
+    ln = flow.logit_normal_time(z, mean=-0.8, std=0.8)
+    assert 0 < ln.min() and ln.max() < 1
+    assert np.median(ln) == pytest.approx(1 / (1 + math.exp(0.8)), abs=5e-3)
+    mx_t = flow.sample_time("logit_normal", None, lambda n: mx.array(z[:n].astype(np.float32)), 5, -0.8, 0.8)
+    assert np.allclose(np.asarray(mx_t), ln[:5], atol=1e-6)
+    with pytest.raises(MlxflowError, match="unknown time sampler"):
+        flow.sample_time("bogus", None, None, 3)
+
+
+def test_time_grid_and_cfg():
+    assert flow.time_grid(4) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    with pytest.raises(MlxflowError):
+        flow.time_grid(0)
+    vc, vu = np.array([2.0]), np.array([1.0])
+    assert flow.cfg_combine(vc, vu, 1.0) == 2.0
+    assert flow.cfg_combine(vc, vu, 3.0) == 4.0
+    assert flow.guidance_active(0.5, (0.1, 0.7)) and not flow.guidance_active(0.9, (0.1, 0.7))
