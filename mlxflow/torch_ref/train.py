@@ -26,6 +26,7 @@ import resource
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -127,27 +128,26 @@ def _text_embeddings(dataset, text_encoder_spec):
 
 # Optimizer state is stored the way the MLX trainer stores it: per parameter (canonical
 # MLX key and layout) "<key>.m" (exp_avg) and "<key>.v" (exp_avg_sq), plus "step".
-def optimizer_state_to_numpy(opt: torch.optim.Optimizer, model, model_config, family: str) -> dict[str, np.ndarray]:
+def optimizer_state_to_numpy(opt: torch.optim.Optimizer, model, model_config, family: str,
+                             lr: float) -> dict[str, np.ndarray]:
     names = {p: k for k, p in _unwrap(model).named_parameters()}
     m, v, step = {}, {}, 0
     for p, st in opt.state.items():
-        if not st:
-            continue
-        m[names[p]], v[names[p]] = st["exp_avg"], st["exp_avg_sq"]
-        step = int(st["step"])
-    out = {}
-    if m:
-        for k, a in _to_mlx(m, model_config, family).items():
-            out[f"{k}.m"] = a
-        for k, a in _to_mlx(v, model_config, family).items():
-            out[f"{k}.v"] = a
-    out["step"] = np.array(step, np.int64)
+        if st:
+            m[names[p]], v[names[p]] = st["exp_avg"], st["exp_avg_sq"]
+            step = int(st["step"])
+    out = {f"{k}.m": a for k, a in _to_mlx(m, model_config, family).items()} if m else {}
+    out.update({f"{k}.v": a for k, a in _to_mlx(v, model_config, family).items()} if v else {})
+    # The same scalar entries (and dtypes) as tree_flatten(mlx AdamW.state).
+    out["step"] = np.array(step, np.uint64)
+    out["learning_rate"] = np.array(lr, np.float32)
     return out
 
 
 def optimizer_state_from_numpy(opt: torch.optim.Optimizer, model, model_config, family: str,
                                flat: dict[str, np.ndarray], where: str):
-    step = int(flat.get("step", np.array(0)))
+    # safetensors may hand a scalar back as shape (1,): take the element either way.
+    step = int(np.asarray(flat.get("step", 0)).reshape(-1)[0])
     if step == 0:
         return
     m = {k[:-2]: a for k, a in flat.items() if k.endswith(".m")}
@@ -190,56 +190,68 @@ def train_torch(run_dir, dataset_or_path, model_config, train_config: TrainConfi
     embeddings: float32 (N, L, D) caption embeddings; otherwise computed/cached with the encoder.
     """
     from ..data.dataset import ImageTextDataset
+    from ..train import resize_images
 
-    cfg = train_config
     run_dir = Path(run_dir)
     rank, world, device, created_group = _setup_distributed(device)
     try:
-        # ---- resume: the checkpoint's architecture wins, the caller's TrainConfig is used
-        # (so a run can be extended to more steps).
-        ckpt = None
+        # ---- resume (same rules as the MLX trainer): architecture, data and schedule settings
+        # come from the checkpoint; only the step budget and logging/checkpoint cadence may change.
+        ckpt, start_step = None, 0
         if resume is not None:
             src = run_dir if resume == "latest" else Path(resume)
             if resume == "latest" and not list_checkpoints(run_dir):
-                raise MlxflowError(f"nothing to resume: {run_dir} has no checkpoints")
+                raise MlxflowError(f"--resume latest: no checkpoint in {run_dir}")
             ckpt = load_checkpoint(resolve_checkpoint(src), family=family, with_optimizer=True)
             model_config = ckpt.model_config
+            train_config = replace(ckpt.train_config, steps=train_config.steps, log_every=train_config.log_every,
+                                   ckpt_every=train_config.ckpt_every, sample_every=train_config.sample_every)
             text_encoder_spec = ckpt.text_encoder or text_encoder_spec
-        model_config.validate()
+            start_step = ckpt.step
+            if start_step >= train_config.steps:
+                raise MlxflowError(f"checkpoint {ckpt.path} is already at step {start_step} >= --steps {train_config.steps}")
+            if ckpt.optimizer is None:
+                raise MlxflowError(f"checkpoint {ckpt.path} has no optimizer state; cannot resume exactly")
+        cfg = train_config
 
         # ---- data
         dataset = dataset_or_path if hasattr(dataset_or_path, "batches") else ImageTextDataset.load(dataset_or_path)
-        if dataset.size != model_config.image_size:
-            raise MlxflowError(f"dataset images are {dataset.size}px but the model expects {model_config.image_size}px")
         if embeddings is None:
             embeddings = _text_embeddings(dataset, text_encoder_spec)
         embeddings = np.asarray(embeddings, np.float32)
-        if embeddings.shape[-1] != model_config.text_dim:
-            raise MlxflowError(f"text embeddings have width {embeddings.shape[-1]} but the model expects "
-                               f"text_dim={model_config.text_dim}")
+        if ckpt is None:
+            # A fresh model takes its text width from the encoder actually used.
+            model_config = replace(model_config, text_dim=embeddings.shape[2], text_tokens=embeddings.shape[1])
+        elif (model_config.text_tokens, model_config.text_dim) != embeddings.shape[1:]:
+            raise MlxflowError(f"text embeddings are {embeddings.shape[1:]} but the checkpoint expects "
+                               f"{(model_config.text_tokens, model_config.text_dim)} (a different text encoder?)")
+        model_config.validate()
+        dataset.images = resize_images(dataset.images, model_config.image_size)
+        if len(dataset) < cfg.batch_size:
+            raise MlxflowError(f"dataset has {len(dataset)} images, fewer than the batch size {cfg.batch_size}")
         if cfg.batch_size % world:
             raise MlxflowError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({world})")
         local = cfg.batch_size // world
         rows = slice(rank * local, (rank + 1) * local)  # this rank's contiguous slice of the global batch
 
-        # ---- model, EMA, optimizer. Same seed on every rank and on CPU before moving, so
-        # all ranks (and a single-process run) start from identical weights.
+        # ---- model, EMA, optimizer. Same seed on every rank, built on the CPU before moving,
+        # so all ranks (and a single-process run) start from identical weights.
         torch.manual_seed(cfg.seed)
         model = build_model(family, model_config)
-        start_step, data_pos, last_loss = 0, 0, None
+        data_pos, last_loss = 0, None
         if ckpt is not None:
             model.load_state_dict(_from_mlx(ckpt.weights, model_config, family, f"checkpoint {ckpt.path}"))
-            start_step = ckpt.step
-            data_pos = int(ckpt.state.get("data_position", start_step * cfg.grad_accum))
+            data_pos = int(ckpt.state.get("batches_consumed", start_step * cfg.grad_accum))
             last_loss = ckpt.state.get("loss")
         model.to(device)
         ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
         if ckpt is not None and ckpt.ema is not None:
-            ema = {k: v.to(device) for k, v in _from_mlx(ckpt.ema, model_config, family, f"checkpoint {ckpt.path} (EMA)").items()}
+            ema_sd = _from_mlx(ckpt.ema, model_config, family, f"checkpoint {ckpt.path} (EMA)")
+            ema = {k: v.to(device) for k, v in ema_sd.items()}
 
         opt = torch.optim.AdamW(model.parameters(), lr=lr_at(start_step, cfg), betas=tuple(cfg.betas), eps=1e-8,
                                 weight_decay=cfg.weight_decay)
-        if ckpt is not None and ckpt.optimizer is not None:
+        if ckpt is not None:
             optimizer_state_from_numpy(opt, model, model_config, family, ckpt.optimizer, f"checkpoint {ckpt.path}")
 
         ddp_model = model
@@ -258,20 +270,21 @@ def train_torch(run_dir, dataset_or_path, model_config, train_config: TrainConfi
 
         def save(step, loss):
             if rank == 0:
-                path = save_checkpoint(
+                save_checkpoint(
                     run_dir, step, family=family, model_config=model_config, train_config=cfg,
                     text_encoder=text_encoder_spec, weights=_to_mlx(model.state_dict(), model_config, family),
                     ema=_to_mlx(ema, model_config, family),
-                    optimizer=optimizer_state_to_numpy(opt, model, model_config, family),
-                    state={"data_position": data_pos, "loss": loss, "world_size": world,
-                           "rng": f"per-step generator seeded by (seed={cfg.seed}, step, micro)"},
+                    optimizer=optimizer_state_to_numpy(opt, model, model_config, family, lr_at(step - 1, cfg)),
+                    state={"batches_consumed": data_pos, "loss": loss, "world_size": world,
+                           "rng": f"torch generator per (seed={cfg.seed}, step, micro)"},
                     keep=cfg.keep_checkpoints, framework="torch")
             if world > 1:
                 dist.barrier()  # nobody races ahead (or exits) while rank 0 is still writing
             return run_dir / f"step-{step:07d}"
 
         model.train()
-        ckpt_path = ckpt.path if ckpt is not None else None
+        last_good = list_checkpoints(run_dir)[-1] if list_checkpoints(run_dir) else None
+        losses: list[float] = []
         step = start_step
         t_last = time.perf_counter()
         while step < cfg.steps:
@@ -288,46 +301,45 @@ def train_torch(run_dir, dataset_or_path, model_config, train_config: TrainConfi
                 x1 = torch.from_numpy(batch["image"][rows]).permute(0, 3, 1, 2).contiguous().to(device)
                 text = torch.from_numpy(batch["text"][rows]).to(device) * keep[rows, None, None].to(device)
                 x0, t = x0[rows].to(device), t[rows].to(device)
-                # Gradients are all-reduced only on the last micro-batch (no_sync on the others).
+                # DDP all-reduces gradients only on the last micro-batch (no_sync on the others).
                 sync = world == 1 or micro == cfg.grad_accum - 1
                 with (nullcontext() if sync else ddp_model.no_sync()), amp:
                     loss = flow_matching_loss(ddp_model, x1, x0, t, text) / cfg.grad_accum
                 loss.backward()
                 loss_sum += loss.detach()
             if world > 1:
-                dist.all_reduce(loss_sum)
+                dist.all_reduce(loss_sum)  # the logged loss is the global batch's, on every rank
                 loss_sum /= world
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
             loss_val = float(loss_sum)
-            if not (math.isfinite(loss_val) and math.isfinite(float(grad_norm))):
-                # Stop before the optimizer touches the weights, so nothing bad is ever saved.
-                what = f"loss became {loss_val}" if not math.isfinite(loss_val) else f"gradient norm became {float(grad_norm)}"
-                good = list_checkpoints(run_dir)
-                raise MlxflowError(f"{what} at step {step + 1}; last good checkpoint: "
-                                   f"{good[-1] if good else 'none (lower the learning rate and start again)'}")
+            if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
+                # Stop before the optimizer touches the weights: nothing bad is ever saved.
+                what = f"loss became {loss_val}" if not math.isfinite(loss_val) else f"gradient norm became {grad_norm}"
+                where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was written"
+                raise MlxflowError(f"{what} at step {step + 1}; training stopped ({where})")
             opt.step()
             with torch.no_grad():
-                # EMA after every optimizer step; lerp_ is ema += (1 - decay) * (w - ema).
+                # EMA after every optimizer step: ema += (1 - decay) * (w - ema).
                 for k, w in model.state_dict().items():
                     if w.is_floating_point():
                         ema[k].lerp_(w.float(), 1.0 - cfg.ema_decay)
                     else:
                         ema[k].copy_(w)
             step += 1
+            losses.append(loss_val)
             last_loss = loss_val
             now = time.perf_counter()
-            metrics = {"loss": loss_val, "lr": lr, "grad_norm": float(grad_norm),
+            metrics = {"loss": loss_val, "lr": lr, "grad_norm": grad_norm,
                        "img_per_s": cfg.batch_size * cfg.grad_accum / max(now - t_last, 1e-9)}
             t_last = now
             if rank == 0 and on_step is not None:
                 on_step(step, metrics)
             if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
-                ckpt_path = save(step, loss_val)
-        # The final checkpoint (unless a resumed run had nothing left to do and it exists).
-        if step != start_step or not (run_dir / f"step-{step:07d}").exists():
-            ckpt_path = save(step, last_loss)
-        return {"step": step, "loss": last_loss, "checkpoint": str(ckpt_path), "world_size": world,
-                "rank": rank, "device": str(device), "digest": weights_digest(model)}
+                last_good = save(step, loss_val)
+        final = save(step, last_loss)
+        return {"checkpoint": final, "losses": losses, "steps": step, "start_step": start_step,
+                "model_config": model_config, "loss": last_loss, "world_size": world, "rank": rank,
+                "device": str(device), "digest": weights_digest(model)}
     finally:
         if created_group and dist.is_initialized():
             dist.destroy_process_group()

@@ -1,0 +1,348 @@
+"""`mlxflow` command line: parses arguments, draws progress, calls mlxflow.api. No model logic here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console(stderr=True)
+out = Console()
+
+
+def _bar(*extra) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), *extra,
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
+
+
+def _progress_callback(progress: Progress, description: str):
+    task = None
+
+    def update(done: int, total: int):
+        nonlocal task
+        if task is None:
+            task = progress.add_task(description, total=total)
+        progress.update(task, completed=done, total=total)
+
+    return update
+
+
+# --- data ------------------------------------------------------------------------------
+
+def cmd_data(args) -> int:
+    from mlxflow import api
+
+    encoder = None if args.no_embed else args.text_encoder
+    with _bar() as progress:
+        render, embed = _progress_callback(progress, "render"), _progress_callback(progress, f"embed ({encoder})")
+        if args.source == "emoji":
+            info = api.build_emoji_data(args.out, size=args.size, font=args.font, limit=args.limit,
+                                        overwrite=args.overwrite, text_encoder=encoder, on_render=render, on_embed=embed)
+        else:
+            if not args.images:
+                raise SystemExit("mlxflow data folder: give --images DIR (a folder of images with a captions file)")
+            info = api.import_folder_data(args.images, args.out, size=args.size, captions=args.captions,
+                                          overwrite=args.overwrite, text_encoder=encoder, on_render=render,
+                                          on_embed=embed)
+    skipped = f", skipped {info.get('skipped', 0)} the font cannot draw" if args.source == "emoji" else ""
+    out.print(f"wrote {info['count']} images at {info['size']}x{info['size']} to {args.out}{skipped}")
+    return 0
+
+
+# --- train -----------------------------------------------------------------------------
+
+def cmd_train(args) -> int:
+    from mlxflow import api
+
+    overrides = {"batch_size": args.batch_size, "lr": args.lr, "grad_accum": args.grad_accum,
+                 "bf16": True if args.bf16 else None, "seed": args.seed, "ckpt_every": args.ckpt_every,
+                 "sample_every": args.sample_every, "log_every": None}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if args.framework == "torch":
+        return _train_torch(args, overrides)
+    with _bar(TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[speed]} img/s")) as progress:
+        task = progress.add_task("train", total=None, loss="-", lr="-", speed="-")
+
+        def on_step(info):
+            progress.update(task, completed=info.step, total=info.total, loss=f"{info.loss:.4f}",
+                            lr=f"{info.lr:.2e}", speed=f"{info.img_per_s:.1f}")
+
+        result = api.train_model(args.family, args.data, args.out, preset=args.preset, steps=args.steps,
+                                 resume=args.resume, text_encoder=args.text_encoder, train_overrides=overrides,
+                                 on_step=on_step,
+                                 on_sample=lambda step, path: progress.console.print(f"step {step}: samples {path}"))
+    out.print(f"checkpoint: {result['checkpoint']}")
+    return 0
+
+
+def _train_torch(args, overrides) -> int:
+    from mlxflow.config import model_config, train_config
+    from mlxflow.data.dataset import ImageTextDataset
+    from mlxflow.torch_ref.train import train_torch
+
+    mcfg = model_config(args.family, args.preset)
+    tcfg = train_config(args.family, args.preset, steps=args.steps, **overrides)
+    with _bar(TextColumn("loss {task.fields[loss]}")) as progress:
+        task = progress.add_task("train (torch)", total=tcfg.steps, loss="-")
+        result = train_torch(args.out, ImageTextDataset.load(args.data), mcfg, tcfg, args.text_encoder,
+                             family=args.family, resume=args.resume,
+                             on_step=lambda step, m: progress.update(task, completed=step, loss=f"{m['loss']:.4f}"))
+    out.print(f"checkpoint: {result['checkpoint']}")
+    return 0
+
+
+# --- sample ----------------------------------------------------------------------------
+
+def cmd_sample(args) -> int:
+    from mlxflow import api
+
+    with _bar() as progress:
+        task = progress.add_task(f"sample ({args.solver})", total=args.steps)
+        path = api.sample(args.ckpt, args.prompts, args.output, n=args.n, steps=args.steps, solver=args.solver,
+                          cfg_scale=args.cfg, seed=args.seed, interval=tuple(args.cfg_interval) if args.cfg_interval else None,
+                          preview_dir=args.preview_dir, preview_every=args.preview_every,
+                          on_step=lambda i, total: progress.update(task, completed=i))
+    out.print(str(path))
+    return 0
+
+
+# --- bench / fidelity -------------------------------------------------------------------
+
+def cmd_bench(args) -> int:
+    from mlxflow import api
+
+    rows = []
+    if args.framework in ("mlx", "both"):
+        with console.status("timing MLX train steps..."):
+            rows.append(api.bench_mlx(args.family, args.preset, args.batch_size, args.steps))
+    if args.framework in ("torch", "both"):
+        from mlxflow.config import model_config
+        from mlxflow.torch_ref.train import benchmark_torch
+
+        with console.status("timing torch train steps..."):
+            r = benchmark_torch(model_config(args.family, args.preset), args.batch_size, steps=args.steps,
+                                device=args.torch_device)
+        rows.append({"framework": "torch", **r})
+    table = Table(title=f"{args.family}/{args.preset} train step, batch {args.batch_size}")
+    for col in ("framework", "device", "img/s", "peak MB", "params", "BLAS"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["framework"], str(r["device"]), f"{r['img_per_s']:.1f}", f"{r.get('peak_mem_mb', 0):.0f}",
+                      f"{r.get('params', 0) / 1e6:.2f}M", r.get("blas", "-"))
+    out.print(table)
+    if len(rows) == 2:
+        out.print(f"MLX/torch throughput ratio: {rows[0]['img_per_s'] / rows[1]['img_per_s']:.2f}")
+    if any(r.get("blas") == "reference" for r in rows):
+        from mlxflow.blas import HOW_TO
+
+        out.print(f"note: MLX is using the slow reference BLAS; {HOW_TO}")
+    return 0
+
+
+def cmd_fidelity(args) -> int:
+    from mlxflow import api
+
+    table = Table(title="prompt fidelity (nearest training image is the prompted one)")
+    for col in ("model", "step", "fidelity", "samples", "chance"):
+        table.add_column(col)
+    for untrained in ((False, True) if args.baseline else (False,)):
+        with console.status("sampling..."):
+            r = api.prompt_fidelity(args.ckpt, args.data, k=args.k, n=args.n, steps=args.steps, solver=args.solver,
+                                    cfg_scale=args.cfg, seed=args.seed, untrained=untrained)
+        table.add_row("untrained" if untrained else "trained", str(0 if untrained else r["step"]),
+                      f"{r['fidelity']:.3f}", str(r["samples"]), f"{r['chance']:.4f}")
+    out.print(table)
+    return 0
+
+
+# --- crosscheck / export ----------------------------------------------------------------
+
+def cmd_crosscheck(args) -> int:
+    from mlxflow.crosscheck import crosscheck, render
+
+    with console.status("running both frameworks..."):
+        report = crosscheck(args.ckpt, batch=args.batch, steps=args.steps, solver=args.solver, cfg_scale=args.cfg,
+                            seed=args.seed, tol=args.tol, device=args.device, train_step=not args.no_train_step)
+    out.print(render(report))
+    if not report.passed:
+        console.print("[red]crosscheck failed: a tolerance was exceeded")
+        return 1
+    return 0
+
+
+def cmd_export(args) -> int:
+    from mlxflow.export import export_coreml
+
+    with console.status("converting and verifying..."):
+        report = export_coreml(args.ckpt, args.out, precision=args.precision, compress=args.compress,
+                               batch_sizes=tuple(args.batch_sizes), min_psnr=args.min_psnr)
+    table = Table(title=f"Core ML export: {args.out}")
+    table.add_column("item")
+    table.add_column("value")
+    for k, v in report.items():
+        table.add_row(k, f"{v:.2f}" if isinstance(v, float) else str(v))
+    out.print(table)
+    return 0
+
+
+# --- demo --------------------------------------------------------------------------------
+
+def cmd_demo(args) -> int:
+    """Build the emoji set, train the tiny preset briefly, write a sample grid."""
+    from mlxflow import api
+
+    root = Path(args.out)
+    data = root / "emoji-data"
+    if not (data / "images.npy").exists():
+        args_data = argparse.Namespace(source="emoji", out=str(data), size=64, font=args.font, limit=None,
+                                       overwrite=False, text_encoder="minilm", no_embed=False, images=None, captions=None)
+        cmd_data(args_data)
+    run = root / "run-tiny"
+    args_train = argparse.Namespace(family="emoji", data=str(data), out=str(run), preset="tiny", steps=args.steps,
+                                    resume="latest" if (run.exists() and any(run.glob("step-*"))) else None,
+                                    text_encoder="minilm", batch_size=None, lr=None, grad_accum=None, bf16=False,
+                                    seed=None, ckpt_every=None, sample_every=None, framework="mlx")
+    if args_train.resume:
+        from mlxflow.checkpoint import load_checkpoint
+
+        if load_checkpoint(run).step >= args.steps:
+            args_train = None
+    if args_train:
+        cmd_train(args_train)
+    prompts = ["grinning face", "red heart", "thumbs up", "fire", "smiling face with sunglasses", "pizza",
+               "rocket", "cat face"]
+    args_sample = argparse.Namespace(ckpt=str(run), prompts=prompts, output=str(root / "samples.png"), n=4,
+                                     steps=20, solver="heun", cfg=3.0, seed=0, cfg_interval=None, preview_dir=None,
+                                     preview_every=0)
+    cmd_sample(args_sample)
+    out.print(f"[bold green]sample grid:[/] {root / 'samples.png'} (rows: {', '.join(prompts)})")
+    return 0
+
+
+# --- parser --------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mlxflow", description="Flow-matching image generators in MLX.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("data", help="build a dataset folder")
+    d.add_argument("source", choices=["emoji", "folder"], help="emoji: render the colour-emoji font; folder: your images")
+    d.add_argument("out", help="output dataset folder")
+    d.add_argument("--size", type=int, default=64)
+    d.add_argument("--font", help="colour emoji font file (default: the system's)")
+    d.add_argument("--images", help="(folder) source folder of images")
+    d.add_argument("--captions", help="(folder) captions file: filename<TAB>caption lines, or JSON")
+    d.add_argument("--limit", type=int, help="only the first N emoji")
+    d.add_argument("--text-encoder", default="minilm", help="minilm | minilm:DIR | clip | clip:WEIGHTS")
+    d.add_argument("--no-embed", action="store_true", help="skip caching text embeddings")
+    d.add_argument("--overwrite", action="store_true")
+    d.set_defaults(func=cmd_data)
+
+    t = sub.add_parser("train", help="train a model")
+    t.add_argument("family", choices=["emoji"])
+    t.add_argument("--data", required=True)
+    t.add_argument("--out", required=True, help="run folder (checkpoints, samples)")
+    t.add_argument("--preset", default="default")
+    t.add_argument("--steps", type=int)
+    t.add_argument("--resume", help="latest | PATH")
+    t.add_argument("--text-encoder", default="minilm")
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--grad-accum", type=int)
+    t.add_argument("--bf16", action="store_true")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--ckpt-every", type=int)
+    t.add_argument("--sample-every", type=int)
+    t.add_argument("--framework", choices=["mlx", "torch"], default="mlx")
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sample", help="generate images from a checkpoint")
+    s.add_argument("ckpt", help="checkpoint folder, or run folder (its latest checkpoint)")
+    s.add_argument("prompts", nargs="+")
+    s.add_argument("--output", required=True, help="grid PNG")
+    s.add_argument("--n", type=int, default=4, help="images per prompt")
+    s.add_argument("--steps", type=int, default=20)
+    s.add_argument("--solver", default="heun", choices=["euler", "heun", "midpoint", "rk4"])
+    s.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
+    s.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LO", "HI"), help="apply CFG only for t in [LO, HI]")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--preview-dir", help="write a grid every --preview-every steps here")
+    s.add_argument("--preview-every", type=int, default=0)
+    s.set_defaults(func=cmd_sample)
+
+    b = sub.add_parser("bench", help="train-step throughput and peak memory")
+    b.add_argument("family", choices=["emoji"])
+    b.add_argument("--preset", default="default")
+    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--steps", type=int, default=10)
+    b.add_argument("--framework", choices=["mlx", "torch", "both"], default="mlx")
+    b.add_argument("--torch-device", default=None, help="cpu | cuda | mps (default: best available)")
+    b.set_defaults(func=cmd_bench)
+
+    f = sub.add_parser("fidelity", help="prompt fidelity against the training images")
+    f.add_argument("ckpt")
+    f.add_argument("--data", required=True)
+    f.add_argument("--k", type=int, default=16, help="number of training prompts")
+    f.add_argument("--n", type=int, default=2, help="samples per prompt")
+    f.add_argument("--steps", type=int, default=20)
+    f.add_argument("--solver", default="heun")
+    f.add_argument("--cfg", type=float, default=3.0)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--baseline", action="store_true", help="also score an untrained model of the same shape")
+    f.set_defaults(func=cmd_fidelity)
+
+    c = sub.add_parser("crosscheck", help="compare MLX and torch on the same weights")
+    c.add_argument("ckpt")
+    c.add_argument("--batch", type=int, default=2)
+    c.add_argument("--steps", type=int, default=8)
+    c.add_argument("--solver", default="heun")
+    c.add_argument("--cfg", type=float, default=3.0)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--tol", type=float, default=1e-4)
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--no-train-step", action="store_true")
+    c.set_defaults(func=cmd_crosscheck)
+
+    e = sub.add_parser("export", help="export a checkpoint")
+    e.add_argument("target", choices=["coreml"])
+    e.add_argument("ckpt")
+    e.add_argument("out", help="output folder")
+    e.add_argument("--precision", choices=["fp16", "fp32"], default="fp16")
+    e.add_argument("--compress", choices=["palettize6", "palettize8", "int8"])
+    e.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2])
+    e.add_argument("--min-psnr", type=float, default=35.0)
+    e.set_defaults(func=cmd_export)
+
+    m = sub.add_parser("demo", help="build the emoji set, train the tiny preset briefly, write a sample grid")
+    m.add_argument("--out", default="runs/demo")
+    m.add_argument("--steps", type=int, default=600)
+    m.add_argument("--font")
+    m.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        from mlxflow.blas import reexec_with_fast_blas
+
+        reexec_with_fast_blas([sys.executable, sys.argv[0], *sys.argv[1:]])
+    args = build_parser().parse_args(argv)
+    from mlxflow.errors import MlxflowError
+
+    try:
+        return args.func(args)
+    except MlxflowError as e:
+        console.print(f"[red]error:[/] {e}", highlight=False)
+        return 1
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

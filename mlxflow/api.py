@@ -1,0 +1,186 @@
+"""The Python API behind the CLI: build data, train, sample, evaluate.
+
+Every function takes plain arguments and optional progress callbacks; the CLI adds rich
+progress bars on top and nothing else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+import numpy as np
+
+from .config import model_config as preset_model_config
+from .config import train_config as preset_train_config
+from .errors import MlxflowError
+
+DEFAULT_TEXT_ENCODER = "minilm"
+
+
+def build_emoji_data(out_dir, size: int = 64, font=None, limit: int | None = None, overwrite: bool = False,
+                     text_encoder: str | None = DEFAULT_TEXT_ENCODER,
+                     on_render: Callable[[int, int], None] | None = None,
+                     on_embed: Callable[[int, int], None] | None = None) -> dict:
+    """Render the emoji set to `out_dir` and cache its text embeddings; returns dataset.json's dict."""
+    from .data.emoji import build_emoji_dataset
+
+    info = build_emoji_dataset(out_dir, size=size, font=font, limit=limit, on_progress=on_render, overwrite=overwrite)
+    if text_encoder:
+        embed_dataset(out_dir, text_encoder, on_embed)
+    return info
+
+
+def import_folder_data(src_dir, out_dir, size: int = 64, captions=None, overwrite: bool = False,
+                       text_encoder: str | None = DEFAULT_TEXT_ENCODER,
+                       on_render: Callable[[int, int], None] | None = None,
+                       on_embed: Callable[[int, int], None] | None = None) -> dict:
+    """A folder of images + captions file -> dataset folder (with cached text embeddings)."""
+    from .data.folder import import_image_folder
+
+    info = import_image_folder(src_dir, out_dir, size=size, captions=captions, on_progress=on_render,
+                               overwrite=overwrite)
+    if text_encoder:
+        embed_dataset(out_dir, text_encoder, on_embed)
+    return info
+
+
+def embed_dataset(data_dir, text_encoder: str = DEFAULT_TEXT_ENCODER, on_progress=None) -> np.ndarray:
+    from .data.dataset import ImageTextDataset
+    from .models.text import load_text_encoder
+
+    return ImageTextDataset.load(data_dir).text_embeddings(load_text_encoder(text_encoder), on_progress=on_progress)
+
+
+def train_model(family: str, data_dir, out_dir, *, preset: str = "default", steps: int | None = None,
+                resume: str | None = None, text_encoder: str = DEFAULT_TEXT_ENCODER, model_overrides: dict | None = None,
+                train_overrides: dict | None = None, on_step=None, on_checkpoint=None, on_sample=None,
+                sample_prompts: int = 8) -> dict:
+    """Train `family` on a dataset folder. Periodic sample grids go to OUT/samples/step-*.png."""
+    from .data.dataset import ImageTextDataset
+    from .models.text import load_text_encoder
+    from .train import train
+
+    mcfg = preset_model_config(family, preset, **(model_overrides or {}))
+    tcfg = preset_train_config(family, preset, steps=steps, **(train_overrides or {}))
+    dataset = ImageTextDataset.load(data_dir)
+    if resume is not None:
+        from .checkpoint import load_checkpoint, resolve_checkpoint
+
+        source = Path(out_dir) if resume == "latest" else Path(resume)
+        try:
+            text_encoder = load_checkpoint(resolve_checkpoint(source)).text_encoder
+        except MlxflowError:
+            pass  # train() reports the precise problem
+    embeddings = dataset.text_embeddings(load_text_encoder(text_encoder))
+
+    # A fixed, spread-out set of training prompts for the periodic grids.
+    picks = np.linspace(0, len(dataset) - 1, min(sample_prompts, len(dataset))).astype(int)
+    samples_dir = Path(out_dir) / "samples"
+
+    def write_samples(step, ema_model):
+        grid = sample_grid(ema_model, embeddings[picks], steps=tcfg.sample_steps, cfg_scale=tcfg.sample_cfg, seed=0)
+        from .sample import save_png
+
+        path = save_png(grid, samples_dir / f"step-{step:07d}.png")
+        if on_sample:
+            on_sample(step, path)
+
+    return train(out_dir, dataset, mcfg, tcfg, text_encoder=text_encoder, family=family, resume=resume,
+                 embeddings=embeddings, on_step=on_step, on_checkpoint=on_checkpoint,
+                 on_sample=write_samples if sample_prompts else None)
+
+
+def sample_grid(model, embeddings: np.ndarray, *, steps: int = 20, solver: str = "heun", cfg_scale: float = 3.0,
+                seed: int = 0, ncols: int | None = None):
+    from .sample import make_grid, sample_steps, to_uint8
+
+    *_, (_, _, x) = sample_steps(model, mx.array(embeddings), steps=steps, solver=solver, cfg_scale=cfg_scale,
+                                 seed=seed)
+    return make_grid(to_uint8(x), ncols=ncols)
+
+
+def sample(ckpt, prompts: list[str], output, *, n: int = 1, steps: int = 20, solver: str = "heun",
+           cfg_scale: float = 3.0, seed: int = 0, interval=None, preview_dir=None, preview_every: int = 0,
+           on_step: Callable[[int, int], None] | None = None) -> Path:
+    """Generate n images per prompt into one grid PNG (a row per prompt); returns its path."""
+    from .sample import generate, make_grid, save_png, to_uint8
+
+    out = Path(output)
+    if out.suffix.lower() != ".png":
+        raise MlxflowError(f"--output must end in .png, got {out}")
+    _, _, gen = generate(ckpt, prompts, n=n, steps=steps, solver=solver, cfg_scale=cfg_scale, seed=seed,
+                         interval=interval)
+    x = None
+    for i, t, x in gen:
+        if preview_dir and preview_every and ((i + 1) % preview_every == 0 or i + 1 == steps):
+            save_png(make_grid(to_uint8(x), ncols=n), Path(preview_dir) / f"step-{i + 1:03d}.png")
+        if on_step:
+            on_step(i + 1, steps)
+    return save_png(make_grid(to_uint8(x), ncols=n, scale=2), out)
+
+
+def prompt_fidelity(ckpt, data_dir, *, k: int = 16, n: int = 2, steps: int = 20, solver: str = "heun",
+                    cfg_scale: float = 3.0, seed: int = 0, untrained: bool = False) -> dict:
+    """Share of samples whose nearest training image is the prompted one, for K training labels.
+
+    `untrained=True` measures a randomly initialised model of the same architecture: the
+    floor a trained model must beat.
+    """
+    from .data.dataset import ImageTextDataset
+    from .metrics import prompt_fidelity as fidelity
+    from .models.text import load_text_encoder
+    from .sample import load_model, sample_steps, to_uint8
+    from .train import build_model, resize_images
+
+    model, ck = load_model(ckpt)
+    if untrained:
+        mx.random.seed(seed)
+        model = build_model(ck.family, ck.model_config)
+    dataset = ImageTextDataset.load(data_dir)
+    emb = dataset.text_embeddings(load_text_encoder(ck.text_encoder))
+    if emb.shape[1:] != (ck.model_config.text_tokens, ck.model_config.text_dim):
+        raise MlxflowError("the dataset's text embeddings do not match the checkpoint's encoder")
+    prompts = np.linspace(0, len(dataset) - 1, min(k, len(dataset))).astype(int)
+    text = mx.array(np.repeat(emb[prompts], n, axis=0))
+    *_, (_, _, x) = sample_steps(model, text, steps=steps, solver=solver, cfg_scale=cfg_scale, seed=seed)
+    reference = resize_images(dataset.images, ck.model_config.image_size)
+    score = fidelity(to_uint8(x), np.repeat(prompts, n), reference)
+    return {"fidelity": float(score), "prompts": len(prompts), "samples": len(prompts) * n,
+            "chance": 1.0 / len(dataset), "untrained": untrained, "step": ck.step}
+
+
+def bench_mlx(family: str, preset: str, batch_size: int = 32, steps: int = 10, warmup: int = 3,
+              text_dim: int = 384) -> dict:
+    """Train-step throughput of the compiled MLX step on random data: img/s and peak memory."""
+    import time
+
+    from .config import TrainConfig
+    from .train import build_model, make_optimizer, make_train_step, step_key
+
+    mcfg = preset_model_config(family, preset, text_dim=text_dim)
+    tcfg = TrainConfig(batch_size=batch_size, steps=warmup + steps)
+    mx.random.seed(0)
+    model, ema = build_model(family, mcfg), build_model(family, mcfg)
+    opt = make_optimizer(tcfg)
+    opt.init(model.trainable_parameters())
+    step = make_train_step(model, ema, opt, tcfg)
+    size = mcfg.image_size
+    images = mx.random.uniform(-1, 1, (1, batch_size, size, size, 3))
+    text = mx.random.normal((1, batch_size, mcfg.text_tokens, mcfg.text_dim))
+    mx.eval(images, text, model.parameters(), ema.parameters(), opt.state)
+    for i in range(warmup):
+        mx.eval(step(images, text, step_key(0, i)), model.state, opt.state, ema.state)
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    for i in range(steps):
+        mx.eval(step(images, text, step_key(0, warmup + i)), model.state, opt.state, ema.state)
+    elapsed = time.perf_counter() - tic
+    from mlx.utils import tree_flatten
+
+    from .blas import blas_status
+
+    return {"framework": "mlx", "device": str(mx.default_device()), "img_per_s": batch_size * steps / elapsed,
+            "peak_mem_mb": mx.get_peak_memory() / 2**20, "params": sum(v.size for _, v in tree_flatten(model.parameters())),
+            "blas": blas_status(), "batch_size": batch_size, "preset": preset}

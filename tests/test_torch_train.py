@@ -1,0 +1,123 @@
+"""PyTorch reference trainer: loss falls, exact resume, MLX reads its checkpoints, NaN handling."""
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from mlxflow.checkpoint import list_checkpoints, load_checkpoint  # noqa: E402
+from mlxflow.errors import MlxflowError  # noqa: E402
+from mlxflow.torch_ref.train import benchmark_torch, flow_matching_loss, train_torch  # noqa: E402
+
+from conftest import quick_train_config  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models gain nothing from intra-op threads, and on a busy 2-core box torch's
+    # spinning worker threads make each step ~10x slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_flow_matching_loss_is_velocity_mse(micro_config):
+    from mlxflow.torch_ref.emoji import EmojiFlow
+
+    torch.manual_seed(0)
+    model = EmojiFlow(micro_config)
+    x1, x0 = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
+    t, text = torch.tensor([0.25, 0.75]), torch.randn(2, 1, 8)
+    x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * x1
+    want = ((model(x_t, t, text) - (x1 - x0)) ** 2).mean()
+    assert torch.allclose(flow_matching_loss(model, x1, x0, t, text), want)
+
+
+def test_loss_falls_on_tiny_data(tmp_path, shapes_dataset, micro_config):
+    ds, emb = shapes_dataset
+    seen = []
+    cfg = quick_train_config(steps=40, lr=3e-3, warmup_steps=5, ckpt_every=0)
+    out = train_torch(tmp_path / "run", ds, micro_config, cfg, embeddings=emb,
+                      on_step=lambda step, m: seen.append((step, m)))
+    losses = out["losses"]
+    assert len(losses) == 40 and [s for s, _ in seen] == list(range(1, 41))
+    assert set(seen[0][1]) >= {"loss", "lr", "img_per_s"}
+    assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), (losses[:5], losses[-5:])
+    ckpt = load_checkpoint(tmp_path / "run")
+    assert ckpt.step == 40 and ckpt.ema is not None and ckpt.meta["framework"] == "torch"
+
+
+def test_resume_is_exact_and_mlx_reads_the_checkpoint(tmp_path, shapes_dataset, micro_config):
+    ds, emb = shapes_dataset
+    # grad_accum=2 so the data position (batches consumed) is not simply the step.
+    cfg = lambda steps: quick_train_config(steps=steps, grad_accum=2)  # noqa: E731
+    full = train_torch(tmp_path / "full", ds, micro_config, cfg(6), embeddings=emb)
+    first = train_torch(tmp_path / "split", ds, micro_config, cfg(3), embeddings=emb)
+    rest = train_torch(tmp_path / "split", ds, micro_config, cfg(6), embeddings=emb, resume="latest")
+    # Bitwise on CPU: same weights, same optimizer state, same data position, same draws.
+    assert first["losses"] + rest["losses"] == full["losses"]
+    a, b = load_checkpoint(tmp_path / "full", with_optimizer=True), load_checkpoint(tmp_path / "split", with_optimizer=True)
+    for tree_a, tree_b in ((a.weights, b.weights), (a.ema, b.ema), (a.optimizer, b.optimizer)):
+        assert tree_a.keys() == tree_b.keys()
+        assert all(np.array_equal(tree_a[k], tree_b[k]) for k in tree_a)
+    assert b.state["batches_consumed"] == 12 and int(b.optimizer["step"].reshape(-1)[0]) == 6
+
+    # The checkpoint is in MLX names and layouts: an MLX model loads it as is and agrees
+    # with the torch model fed the same weights.
+    import mlx.core as mx
+
+    from convert.torch_mlx import mlx_to_torch
+    from mlxflow.models.emoji import EmojiFlow as MlxEmoji
+    from mlxflow.torch_ref.emoji import EmojiFlow as TorchEmoji
+
+    mcfg = b.model_config
+    mlx_model = MlxEmoji(mcfg)
+    mlx_model.load_weights(str(b.path / "model.safetensors"))
+    torch_model = TorchEmoji(mcfg)
+    torch_model.load_state_dict(mlx_to_torch(b.weights, mcfg))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 16, 16, 3)).astype(np.float32)
+    t = np.array([0.3, 0.8], np.float32)
+    text = emb[:2]
+    out_mlx = np.array(mlx_model(mx.array(x), mx.array(t), mx.array(text)))
+    with torch.no_grad():
+        out_torch = torch_model(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t), torch.from_numpy(text))
+    assert np.isfinite(out_mlx).all()
+    np.testing.assert_allclose(out_mlx, out_torch.permute(0, 2, 3, 1).numpy(), atol=1e-4)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, shapes_dataset, micro_config):
+    ds, emb = shapes_dataset
+    train_torch(tmp_path / "run", ds, micro_config, quick_train_config(steps=3), embeddings=emb)
+    good = list_checkpoints(tmp_path / "run")[-1]
+    before = {f.name: f.read_bytes() for f in good.iterdir()}
+    bad = np.full_like(emb, np.nan)
+    with pytest.raises(MlxflowError, match=r"loss became nan at step 4; .*last good checkpoint: .*step-0000003"):
+        train_torch(tmp_path / "run", ds, micro_config, quick_train_config(steps=6), embeddings=bad, resume="latest")
+    assert list_checkpoints(tmp_path / "run") == [good]
+    assert {f.name: f.read_bytes() for f in good.iterdir()} == before
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]  # no temp folders left
+
+
+def test_user_errors_are_one_line(tmp_path, shapes_dataset, micro_config):
+    ds, emb = shapes_dataset
+    with pytest.raises(MlxflowError, match="no checkpoint"):
+        train_torch(tmp_path / "empty", ds, micro_config, quick_train_config(), embeddings=emb, resume="latest")
+    with pytest.raises(MlxflowError, match="fewer than the batch size"):
+        train_torch(tmp_path / "big", ds, micro_config, quick_train_config(batch_size=64), embeddings=emb)
+
+
+def test_state_json_records_position_and_loss(tmp_path, shapes_dataset, micro_config):
+    ds, emb = shapes_dataset
+    out = train_torch(tmp_path / "run", ds, micro_config, quick_train_config(steps=2, ckpt_every=0), embeddings=emb)
+    state = json.loads((out["checkpoint"] / "state.json").read_text())
+    assert state["step"] == 2 and state["batches_consumed"] == 2 and state["loss"] == out["losses"][-1]
+
+
+def test_benchmark_reports_throughput(micro_config):
+    r = benchmark_torch(micro_config, batch_size=4, steps=2, warmup=1)
+    assert r["img_per_s"] > 0 and r["params"] > 0 and r["device"] == "cpu"
+    assert r["peak_mem_kind"] == "process_max_rss" and r["peak_mem_mb"] > 0
