@@ -423,10 +423,7 @@ def main(argv=None):
     rank = int(os.environ.get("RANK", "0"))
     try:
         emb = np.load(a.embeddings) if a.embeddings else None
-        overrides = {}
-        if emb is not None:
-            overrides = {"text_dim": int(emb.shape[-1]), "text_tokens": int(emb.shape[1])}
-        mcfg = make_model_config(a.family, a.preset, **overrides)
+        mcfg = make_model_config(a.family, a.preset)  # text_dim/text_tokens follow the embeddings
         tcfg = make_train_config(a.family, a.preset, steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum,
                                  lr=a.lr, ckpt_every=a.ckpt_every, seed=a.seed, bf16=a.bf16)
 
@@ -441,7 +438,7 @@ def main(argv=None):
             print(f"error: {e}", file=sys.stderr)
         return 1
     if rank == 0:
-        print(f"done: step {summary['step']}, loss {summary['loss']:.4f}, checkpoint {summary['checkpoint']}")
+        print(f"done: step {summary['steps']}, loss {summary['loss']:.4f}, checkpoint {summary['checkpoint']}")
     return 0
 
 

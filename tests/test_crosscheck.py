@@ -1,0 +1,116 @@
+"""crosscheck: the same weights in both frameworks agree (forward, trajectory, train step);
+a tampered twin is caught."""
+
+from __future__ import annotations
+
+import io
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from mlx.utils import tree_flatten
+from rich.console import Console
+
+from conftest import micro_emoji_config
+from convert.torch_mlx import load_mlx_model, load_torch_model
+from mlxflow.checkpoint import save_checkpoint
+from mlxflow.config import TrainConfig
+from mlxflow.crosscheck import crosscheck, crosscheck_models, render, run_crosscheck_cli
+from mlxflow.errors import MlxflowError
+from mlxflow.models.emoji import EmojiFlow as MlxEmojiFlow
+
+FAST = dict(batch=2, steps=3, solver="heun", cfg_scale=3.0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    # Two shared cores: torch's OpenMP threads spin against other processes; one is fastest.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A checkpoint of a jittered random MLX model: 3 text tokens, weight decay and clipping on."""
+    cfg = micro_emoji_config(text_tokens=3)
+    mx.random.seed(0)
+    rng = np.random.default_rng(0)
+    weights = {k: (np.array(v) * (1 + 0.5 * rng.standard_normal(v.shape)) + 0.05 * rng.standard_normal(v.shape))
+               .astype(np.float32) for k, v in tree_flatten(MlxEmojiFlow(cfg).parameters())}
+    train = TrainConfig(lr=2e-3, betas=(0.9, 0.99), weight_decay=0.1, grad_clip=0.5)
+    return save_checkpoint(tmp_path_factory.mktemp("xc") / "run", 10, family="emoji", model_config=cfg,
+                           train_config=train, text_encoder="test", weights=weights)
+
+
+def test_crosscheck_passes_on_a_checkpoint(ckpt):
+    report = crosscheck(ckpt, **FAST)
+    assert report.passed, [(r.name, r.max_abs, r.limit) for r in report.rows if not r.passed]
+    names = [r.name for r in report.rows]
+    for expected in ("block stem", "block down.0", "block down.1", "block mid", "block up.0", "block up.1",
+                     "forward output", "train loss", "train gradients (all params)", "AdamW step, same gradients",
+                     "train updated weights"):
+        assert expected in names
+    assert any(n.startswith("trajectory") for n in names)
+    assert report.row("forward output").max_abs <= 1e-5
+    assert report.row("block down.1").max_abs > 0 or report.row("block down.1").rel_err == 0
+    text = io.StringIO()
+    Console(file=text, width=140).print(render(report))
+    assert "forward output" in text.getvalue() and "FAIL" not in text.getvalue()
+
+
+def test_train_step_agrees(ckpt):
+    """Loss, gradients (clipping active) and AdamW-updated weights agree; state is restored."""
+    mlx_model, c = load_mlx_model(ckpt)
+    torch_model, _ = load_torch_model(c)
+    before_m = {k: np.array(v) for k, v in tree_flatten(mlx_model.parameters())}
+    before_t = {k: v.clone() for k, v in torch_model.state_dict().items()}
+    report = crosscheck_models(mlx_model, torch_model, c.model_config, train_config=c.train_config, batch=3, steps=0)
+    for name in ("train loss", "train grad norm", "train gradients (all params)", "AdamW step, same gradients",
+                 "train updated weights"):
+        row = report.row(name)
+        assert row.passed, (name, row.max_abs, row.rel_err, row.limit)
+    assert report.row("train loss").max_abs <= 1e-5
+    assert report.row("train gradients (all params)").rel_err <= 1e-4
+    assert report.row("train updated weights").max_abs <= 1e-2 * c.train_config.lr
+    # Both models keep their weights.
+    assert all(np.array_equal(np.array(v), before_m[k]) for k, v in tree_flatten(mlx_model.parameters()))
+    assert all(torch.equal(v, before_t[k]) for k, v in torch_model.state_dict().items())
+
+
+def test_tampered_twin_fails(ckpt):
+    mlx_model, c = load_mlx_model(ckpt)
+    torch_model, _ = load_torch_model(c)
+    with torch.no_grad():
+        torch_model.mid.blocks[1].conv1.weight[0, 0, 1, 1] += 0.05  # one weight, after loading
+    report = crosscheck_models(mlx_model, torch_model, c.model_config, train_config=c.train_config, steps=2,
+                               train_step=False)
+    assert not report.passed
+    assert not report.row("forward output").passed
+    assert report.row("block down.1").passed and not report.row("block mid").passed  # localised
+
+
+def test_cli_entry(ckpt, tmp_path):
+    out = io.StringIO()
+    assert run_crosscheck_cli(ckpt, console=Console(file=out, width=140), train_step=False, **FAST) == 0
+    assert "cross-check passed" in out.getvalue()
+    assert run_crosscheck_cli(ckpt, console=Console(file=io.StringIO()), tol=1e-12, train_step=False,
+                              **FAST) == 1
+    with pytest.raises(MlxflowError, match="checkpoint not found"):
+        crosscheck(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("sabotage", [dict(bias_correction=False), dict(weight_decay=0.0)])
+def test_optimizer_mismatch_is_caught(ckpt, monkeypatch, sabotage):
+    """Missing bias correction or missing (decoupled) weight decay on the MLX side fails the step check."""
+    import mlx.optimizers as optim
+
+    real = optim.AdamW
+    monkeypatch.setattr(optim, "AdamW", lambda **kw: real(**{**kw, **sabotage}))
+    mlx_model, c = load_mlx_model(ckpt)
+    torch_model, _ = load_torch_model(c)
+    report = crosscheck_models(mlx_model, torch_model, c.model_config, train_config=c.train_config, steps=0)
+    assert not report.row("AdamW step, same gradients").passed
+    assert report.row("train gradients (all params)").passed
