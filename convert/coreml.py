@@ -248,7 +248,7 @@ def _describe(mlmodel, *, image_size, channels, text_tokens, text_dim, precision
     meta["mlxflow.coremltools"] = ct.__version__
     for key in ("author", "license", "version"):
         if key in md:
-            setattr(mlmodel, {"version": "version"}.get(key, key), str(md.pop(key)))
+            setattr(mlmodel, key, str(md.pop(key)))
     for k, v in md.items():
         meta[k if "." in k else f"mlxflow.{k}"] = v if isinstance(v, str) else json.dumps(v)
     family = md.get("family", "emoji")

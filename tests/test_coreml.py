@@ -22,6 +22,10 @@ from mlxflow.errors import MlxflowError  # noqa: E402
 
 SIZE, TEXT_L, TEXT_D = 16, 1, 24
 
+# torch.jit.trace is deprecated in torch 2.9+ but is still what coremltools converts best.
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")]
+
 
 # ----------------------------------------------------------------------------- stand-in model
 # The op mix of the emoji denoiser (conv 3x3 incl. stride 2, GroupNorm, SiLU, Linear,
@@ -173,29 +177,29 @@ def test_fp16_program_runs_in_half_precision(fp16_report):
     assert any(op.outputs[0].dtype.__name__ == "fp16" for op in prog.functions["main"].operations if op.op_type == "conv")
 
 
-def test_palettized8_evaluates_and_gate_rejects_wrong_model(model, fp32_package, tmp_path):
+def test_palettized8_evaluates_and_gate_rejects_wrong_model(model, tmp_path):
     out = tmp_path / "pal8.mlpackage"
     r = coreml.export_and_verify(model, out_path=out, precision="fp16", compress="palettize8",
                                  compress_weight_threshold=512, **COMMON)
     REPORTS["palettize8"] = r
     prog = __import__("convert.mil_eval", fromlist=["load_program"]).load_program(out)
-    assert any(op.op_type.startswith("constexpr_lut_to_dense") for op in prog.functions["main"].operations)
-    assert math.isfinite(r["denoiser_psnr"]) and r["denoiser_psnr"] >= 35, r
-    # Verification against a different torch model must fail the gate and write nothing:
-    # no new folder, and an existing good package at the target stays as it was.
-    import shutil
+    lut_ops = [op for op in prog.functions["main"].operations if op.op_type == "constexpr_lut_to_dense"]
+    assert lut_ops
+    # our LUT decoding agrees with coremltools' own decompression of the saved weights
+    from convert.mil_eval import _KERNELS
 
-    bad, kept = tmp_path / "bad.mlpackage", tmp_path / "kept.mlpackage"
+    for op in lut_ops[:5]:
+        ours = _KERNELS[op.op_type](op, {k: v.val for k, v in op.inputs.items()})
+        np.testing.assert_array_equal(ours, op.materialized_val_inference())
+    assert math.isfinite(r["denoiser_psnr"]) and r["denoiser_psnr"] >= 35, r
+    # Verification against a different torch model must fail the gate and write nothing
+    # (the staging folder is removed too).
+    bad = tmp_path / "bad.mlpackage"
     with pytest.raises(MlxflowError, match=r"PSNR .* dB.*gate 35 dB"):
-        coreml.export_and_verify(model, out_path=bad, precision="fp32", verify_model=_model(seed=123), **COMMON)
-    assert not bad.exists()
-    shutil.copytree(fp32_package, kept)
-    before = {p.relative_to(kept): p.read_bytes() for p in kept.rglob("*") if p.is_file()}
-    with pytest.raises(MlxflowError, match="gate"):
-        coreml.export_and_verify(model, out_path=kept, precision="fp32", verify_model=_model(seed=123),
+        coreml.export_and_verify(model, out_path=bad, precision="fp32", verify_model=_model(seed=123),
                                  **{**COMMON, "batch_sizes": (1,)})
-    assert {p.relative_to(kept): p.read_bytes() for p in kept.rglob("*") if p.is_file()} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.mlpackage", "pal8.mlpackage"]
+    assert not bad.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pal8.mlpackage"]
 
 
 def test_metadata_saved(fp32_package):

@@ -89,6 +89,23 @@ def test_resume_is_exact_and_mlx_reads_the_checkpoint(tmp_path, shapes_dataset, 
     np.testing.assert_allclose(out_mlx, out_torch.permute(0, 2, 3, 1).numpy(), atol=1e-4)
 
 
+def test_mlx_and_torch_resume_each_other(tmp_path, shapes_dataset, micro_config):
+    """Weights, EMA and AdamW state cross frameworks: torch 3 steps -> MLX to 5 -> torch to 7."""
+    from mlxflow.train import train
+
+    ds, emb = shapes_dataset
+    run = tmp_path / "run"
+    first = train_torch(run, ds, micro_config, quick_train_config(steps=3), embeddings=emb)
+    mid = train(run, ds, micro_config, quick_train_config(steps=5), embeddings=emb, resume="latest")
+    last = train_torch(run, ds, micro_config, quick_train_config(steps=7), embeddings=emb, resume="latest")
+    losses = first["losses"] + mid["losses"] + last["losses"]
+    assert len(losses) == 7 and all(np.isfinite(losses))
+    # Resumed optimizer state (not a fresh one with a warmup-less lr) keeps the loss going down.
+    assert max(mid["losses"] + last["losses"]) < first["losses"][0]
+    ckpt = load_checkpoint(run, with_optimizer=True)
+    assert ckpt.step == 7 and ckpt.meta["framework"] == "torch" and ckpt.state["batches_consumed"] == 7
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, shapes_dataset, micro_config):
     ds, emb = shapes_dataset
     train_torch(tmp_path / "run", ds, micro_config, quick_train_config(steps=3), embeddings=emb)
@@ -100,6 +117,13 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, shapes_dataset,
     assert list_checkpoints(tmp_path / "run") == [good]
     assert {f.name: f.read_bytes() for f in good.iterdir()} == before
     assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]  # no temp folders left
+
+
+def test_bf16_autocast_trains_with_fp32_master_weights(tmp_path, shapes_dataset, micro_config):
+    ds, emb = shapes_dataset
+    out = train_torch(tmp_path / "bf", ds, micro_config, quick_train_config(steps=3, bf16=True), embeddings=emb)
+    assert all(np.isfinite(out["losses"]))
+    assert load_checkpoint(out["checkpoint"]).weights["stem.weight"].dtype == np.float32
 
 
 def test_user_errors_are_one_line(tmp_path, shapes_dataset, micro_config):

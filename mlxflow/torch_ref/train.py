@@ -39,6 +39,7 @@ from ..config import TrainConfig
 from ..errors import MlxflowError
 from ..flow import interpolate, sample_time, velocity_target, x_to_velocity
 from ..schedule import lr_at
+from . import default_device
 
 
 # ----------------------------------------------------------------------------- loss
@@ -126,8 +127,10 @@ def _text_embeddings(dataset, text_encoder_spec):
     return dataset.text_embeddings(load_text_encoder(text_encoder_spec))
 
 
-# Optimizer state is stored the way the MLX trainer stores it: per parameter (canonical
-# MLX key and layout) "<key>.m" (exp_avg) and "<key>.v" (exp_avg_sq), plus "step".
+# Optimizer state is stored exactly as tree_flatten(MLX AdamW.state) is: per parameter
+# (canonical MLX key and layout) "<key>.m" (exp_avg) and "<key>.v" (exp_avg_sq), plus
+# "step" and "learning_rate". Both trainers use bias-corrected AdamW with eps 1e-8, so
+# either one can resume the other's run.
 def optimizer_state_to_numpy(opt: torch.optim.Optimizer, model, model_config, family: str,
                              lr: float) -> dict[str, np.ndarray]:
     names = {p: k for k, p in _unwrap(model).named_parameters()}
@@ -155,8 +158,6 @@ def optimizer_state_from_numpy(opt: torch.optim.Optimizer, model, model_config, 
     m = _from_mlx(m, model_config, family, f"{where} (optimizer exp_avg)")
     v = _from_mlx(v, model_config, family, f"{where} (optimizer exp_avg_sq)")
     for k, p in _unwrap(model).named_parameters():
-        if k not in m:
-            raise MlxflowError(f"{where} has no optimizer state for '{k}'")
         # torch keeps `step` as a float32 scalar tensor on the CPU (non-capturable AdamW).
         opt.state[p] = {"step": torch.tensor(float(step), dtype=torch.float32),
                         "exp_avg": m[k].to(p.device, p.dtype), "exp_avg_sq": v[k].to(p.device, p.dtype)}
@@ -166,8 +167,7 @@ def _setup_distributed(device):
     """(rank, world, device, created_group) from torchrun's environment; (0, 1, device, False) alone."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return 0, 1, dev, False
+        return 0, 1, torch.device(device or default_device()), False
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
     if use_cuda:
@@ -260,9 +260,8 @@ def train_torch(run_dir, dataset_or_path, model_config, train_config: TrainConfi
 
             ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-        # bf16 autocast keeps fp32 master weights; the loss is computed in fp32 (flow_matching_loss).
-        amp = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if cfg.bf16 and device.type == "cuda"
-               else nullcontext())
+        # bf16 autocast: matmuls/convs in bf16, fp32 master weights and optimizer state, loss in fp32.
+        amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
         batches = dataset.batches(cfg.batch_size, cfg.seed, start=data_pos, flip=cfg.flip, embeddings=embeddings)
         image_shape = (model_config.in_channels, model_config.image_size, model_config.image_size)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -355,7 +354,7 @@ def benchmark_torch(model_config, batch_size: int, steps: int = 10, warmup: int 
     peak_mem_kind is "cuda_max_allocated" on CUDA, else "process_max_rss" (whole process,
     including torch itself, so it overstates the model's share).
     """
-    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device or default_device())
     torch.manual_seed(0)
     model = build_model(family, model_config).to(dev).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -364,8 +363,9 @@ def benchmark_torch(model_config, batch_size: int, steps: int = 10, warmup: int 
     x0 = torch.randn(batch_size, c, s, s, device=dev)
     t = torch.rand(batch_size, device=dev)
     text = torch.randn(batch_size, model_config.text_tokens, model_config.text_dim, device=dev)
-    amp = torch.autocast(device_type=dev.type, dtype=torch.bfloat16) if bf16 and dev.type == "cuda" else nullcontext()
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    amp = torch.autocast(device_type=dev.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    # Kernels run asynchronously on GPUs: wait for them before reading the clock.
+    sync = {"cuda": torch.cuda.synchronize, "mps": lambda: torch.mps.synchronize()}.get(dev.type, lambda: None)
 
     def one_step():
         opt.zero_grad(set_to_none=True)
