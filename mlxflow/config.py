@@ -50,6 +50,7 @@ class EmojiConfig:
 
 @dataclass
 class TrainConfig:
+    preset: str = ""  # the named preset the run started from (recorded for exports)
     steps: int = 2000
     batch_size: int = 32
     grad_accum: int = 1  # micro-batches per optimizer step (effective batch = batch_size * grad_accum)
@@ -120,7 +121,7 @@ def model_config(family: str, preset: str = "default", **overrides):
 def train_config(family: str, preset: str = "default", **overrides) -> TrainConfig:
     _check_family(family)
     base = TRAIN_PRESETS.get(family, {}).get(preset, {})
-    return TrainConfig(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
+    return TrainConfig(preset=preset, **{**base, **{k: v for k, v in overrides.items() if v is not None}})
 
 
 def to_dict(cfg) -> dict:

@@ -132,6 +132,14 @@ def fp32_package(model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def fp32_program(fp32_package):
+    """The saved package's program, loaded once (loading costs about a second)."""
+    from convert.mil_eval import load_program
+
+    return load_program(fp32_package)
+
+
+@pytest.fixture(scope="module")
 def fp16_report(model, tmp_path_factory):
     out = tmp_path_factory.mktemp("coreml") / "fp16.mlpackage"
     return coreml.export_and_verify(model, out_path=out, precision="fp16", **COMMON)
@@ -153,9 +161,9 @@ def test_fp32_matches_torch(model, fp32_package):
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-def test_enumerated_batch_sizes(model, fp32_package, batch):
+def test_enumerated_batch_sizes(model, fp32_program, batch):
     x, t, text = _inputs(batch, seed=batch)
-    got = evaluate_program(fp32_package, {"x_t": x, "t": t, "text": text})["velocity"]
+    got = evaluate_program(fp32_program, {"x_t": x, "t": t, "text": text})["velocity"]
     assert got.shape == (batch, 3, SIZE, SIZE)
     assert np.max(np.abs(got - _torch_out(model, x, t, text))) < 1e-3
 

@@ -1,0 +1,74 @@
+"""`mlxflow export coreml`: checkpoint -> verified Core ML denoiser + the text side for an app.
+
+Output folder:
+    EmojiDenoiser.mlpackage   (x_t, t, text) -> velocity, verified against the torch twin
+    labels.json + label_embeddings.bin   the training prompts and their frozen embeddings,
+                              so an app can draw every training emoji with no text encoder
+    TextEncoder.mlpackage     the MiniLM text encoder, when the checkpoint uses it
+    vocab.txt                 its WordPiece vocabulary (tokenisation happens in the app)
+    export.json               what was exported, sizes, PSNRs
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import MlxflowError
+
+SUPPORTED_FAMILIES = ("emoji",)
+
+
+def export_coreml(ckpt, out_dir, *, precision: str = "fp16", compress: str | None = None,
+                  batch_sizes=(1, 2), min_psnr: float = 35.0, data=None, text_encoder: bool = True) -> dict:
+    """Export, verify (PSNR gate) and write the app bundle; returns a flat report dict."""
+    from convert.coreml import SOLVER_ADVICE, TIME_CONVENTION, export_and_verify, export_label_table
+    from convert.torch_mlx import load_torch_model
+
+    from .checkpoint import load_checkpoint
+
+    ck = load_checkpoint(ckpt)
+    if ck.family not in SUPPORTED_FAMILIES:
+        raise MlxflowError(f"Core ML export supports the {', '.join(SUPPORTED_FAMILIES)} family, "
+                           f"not '{ck.family}'")
+    torch_model, ck = load_torch_model(ck, device="cpu", use_ema=True)
+    cfg = ck.model_config
+    out_dir = Path(out_dir)
+    metadata = {"family": ck.family, "preset": ck.train_config.preset, "train_steps": ck.step,
+                "text_encoder": ck.text_encoder, "time_convention": TIME_CONVENTION, "solver_advice": SOLVER_ADVICE,
+                "image_size": cfg.image_size, "prediction": cfg.prediction}
+    report = export_and_verify(torch_model, out_path=out_dir / "EmojiDenoiser.mlpackage", image_size=cfg.image_size,
+                               channels=cfg.in_channels, text_tokens=cfg.text_tokens, text_dim=cfg.text_dim,
+                               precision=precision, compress=compress, batch_sizes=tuple(batch_sizes),
+                               metadata=metadata, psnr_gate=min_psnr)
+    result = {"denoiser": str(report["path"]), "size_mb": report["size_mb"],
+              "denoiser_psnr_db": report["denoiser_psnr"], "trajectory_psnr_db": report["trajectory_psnr"],
+              "verified_with": report["backend"], "precision": precision, "compress": compress or "none"}
+
+    labels = _export_labels(ck, out_dir, data, export_label_table)
+    result["label_table"] = labels
+    if text_encoder:
+        result["text_encoder"] = _export_text_encoder(ck, out_dir, precision)
+    (out_dir / "export.json").write_text(json.dumps({**result, "metadata": metadata}, indent=2, default=str))
+    return result
+
+
+def _export_labels(ck, out_dir: Path, data, export_label_table) -> str:
+    from .data.dataset import ImageTextDataset
+    from .models.text import load_text_encoder
+
+    data = data or ck.state.get("dataset")
+    if not data or not Path(data).exists():
+        return "skipped: training dataset not found (pass --data DIR)"
+    dataset = ImageTextDataset.load(data)
+    emb = dataset.text_embeddings(load_text_encoder(ck.text_encoder))
+    export_label_table(emb, dataset.captions, out_dir, metadata={"text_encoder": ck.text_encoder})
+    return f"{len(dataset)} prompts"
+
+
+def _export_text_encoder(ck, out_dir: Path, precision: str) -> str:
+    try:
+        from convert.text_coreml import export_text_encoder
+    except ImportError:
+        return "skipped: no Core ML exporter for this encoder"
+    return export_text_encoder(ck.text_encoder, out_dir, precision=precision)
