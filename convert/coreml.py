@@ -474,7 +474,7 @@ def export_label_table(embeddings: np.ndarray, prompts: Sequence[str], out_dir, 
         **(metadata or {}),
     }
     payload = np.ascontiguousarray(emb, dtype="<f4").tobytes()
-    for name, data in (("label_embeddings.bin", payload), ("labels.json", json.dumps(doc, indent=1).encode())):
+    for name, data in (("label_embeddings.bin", payload), ("labels.json", json.dumps(doc, indent=1, default=str).encode())):
         tmp = out_dir / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.write_bytes(data)
         os.replace(tmp, out_dir / name)
