@@ -61,7 +61,8 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim)
             self.k_norm = RMSNorm(self.head_dim)
 
-    def __call__(self, x: mx.array, context: mx.array | None = None, rope=None) -> mx.array:
+    def __call__(self, x: mx.array, context: mx.array | None = None, rope=None,
+                 mask: mx.array | None = None) -> mx.array:
         context = x if context is None else context
         B, N, _ = x.shape
         M = context.shape[1]
@@ -72,7 +73,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = rope(q), rope(k)
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim ** -0.5)
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim ** -0.5, mask=mask)
         return self.out_proj(o.transpose(0, 2, 1, 3).reshape(B, N, -1))
 
 

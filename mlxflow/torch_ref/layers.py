@@ -60,7 +60,8 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim)
             self.k_norm = RMSNorm(self.head_dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, rope=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, rope=None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
         B, N, _ = x.shape
         M = context.shape[1]
@@ -71,7 +72,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = rope(q), rope(k)
-        o = F.scaled_dot_product_attention(q, k, v, scale=self.head_dim ** -0.5)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim ** -0.5)
         return self.out_proj(o.transpose(1, 2).reshape(B, N, -1))
 
 

