@@ -17,7 +17,7 @@ out = Console()
 
 def _bar(*extra) -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), *extra,
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)
 
 
 def _progress_callback(progress: Progress, description: str):
@@ -65,12 +65,17 @@ def cmd_train(args) -> int:
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.framework == "torch":
         return _train_torch(args, overrides)
+    log_every = args.log_every
     with _bar(TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[speed]} img/s")) as progress:
         task = progress.add_task("train", total=None, loss="-", lr="-", speed="-")
 
         def on_step(info):
             progress.update(task, completed=info.step, total=info.total, loss=f"{info.loss:.4f}",
                             lr=f"{info.lr:.2e}", speed=f"{info.img_per_s:.1f}")
+            if not console.is_terminal and (info.step % log_every == 0 or info.step == info.total):
+                # No live bar in logs and CI: print a line now and then instead.
+                console.print(f"step {info.step}/{info.total} loss {info.loss:.4f} lr {info.lr:.2e} "
+                              f"{info.img_per_s:.1f} img/s", highlight=False)
 
         result = api.train_model(args.family, args.data, args.out, preset=args.preset, steps=args.steps,
                                  resume=args.resume, text_encoder=args.text_encoder, train_overrides=overrides,
@@ -206,7 +211,7 @@ def cmd_demo(args) -> int:
     args_train = argparse.Namespace(family="emoji", data=str(data), out=str(run), preset="tiny", steps=args.steps,
                                     resume="latest" if (run.exists() and any(run.glob("step-*"))) else None,
                                     text_encoder="minilm", batch_size=None, lr=None, grad_accum=None, bf16=False,
-                                    seed=None, ckpt_every=None, sample_every=None, framework="mlx")
+                                    seed=None, ckpt_every=None, sample_every=None, framework="mlx", log_every=25)
     if args_train.resume:
         from mlxflow.checkpoint import load_checkpoint
 
@@ -259,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ckpt-every", type=int)
     t.add_argument("--sample-every", type=int)
     t.add_argument("--framework", choices=["mlx", "torch"], default="mlx")
+    t.add_argument("--log-every", type=int, default=25, help="steps between log lines when not on a terminal")
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("sample", help="generate images from a checkpoint")
@@ -337,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except MlxflowError as e:
-        console.print(f"[red]error:[/] {e}", highlight=False)
+        # Plain print: one line, never wrapped or styled, whatever the terminal width.
+        print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         console.print("interrupted")
