@@ -42,7 +42,7 @@ def cmd_data(args) -> int:
         render, embed = _progress_callback(progress, "render"), _progress_callback(progress, f"embed ({encoder})")
         if args.source == "emoji":
             info = api.build_emoji_data(args.out, size=args.size, font=args.font, limit=args.limit,
-                                        overwrite=args.overwrite, text_encoder=encoder, on_render=render, on_embed=embed)
+                                        overwrite=args.overwrite, skin_tones=not args.no_skin_tones, text_encoder=encoder, on_render=render, on_embed=embed)
         else:
             if not args.images:
                 raise SystemExit("mlxflow data folder: give --images DIR (a folder of images with a captions file)")
@@ -205,7 +205,8 @@ def cmd_demo(args) -> int:
     data = root / "emoji-data"
     if not (data / "images.npy").exists():
         args_data = argparse.Namespace(source="emoji", out=str(data), size=64, font=args.font, limit=None,
-                                       overwrite=False, text_encoder="minilm", no_embed=False, images=None, captions=None)
+                                       overwrite=False, text_encoder="minilm", no_embed=False, images=None, captions=None,
+                                       no_skin_tones=False)
         cmd_data(args_data)
     run = root / "run-tiny"
     args_train = argparse.Namespace(family="emoji", data=str(data), out=str(run), preset="tiny", steps=args.steps,
@@ -243,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--images", help="(folder) source folder of images")
     d.add_argument("--captions", help="(folder) captions file: filename<TAB>caption lines, or JSON")
     d.add_argument("--limit", type=int, help="only the first N emoji")
+    d.add_argument("--no-skin-tones", action="store_true", help="(emoji) leave out the skin-tone variants")
     d.add_argument("--text-encoder", default="minilm", help="minilm | minilm:DIR | clip | clip:WEIGHTS")
     d.add_argument("--no-embed", action="store_true", help="skip caching text embeddings")
     d.add_argument("--overwrite", action="store_true")

@@ -20,13 +20,14 @@ DEFAULT_TEXT_ENCODER = "minilm"
 
 
 def build_emoji_data(out_dir, size: int = 64, font=None, limit: int | None = None, overwrite: bool = False,
-                     text_encoder: str | None = DEFAULT_TEXT_ENCODER,
+                     skin_tones: bool = True, text_encoder: str | None = DEFAULT_TEXT_ENCODER,
                      on_render: Callable[[int, int], None] | None = None,
                      on_embed: Callable[[int, int], None] | None = None) -> dict:
     """Render the emoji set to `out_dir` and cache its text embeddings; returns dataset.json's dict."""
     from .data.emoji import build_emoji_dataset
 
-    info = build_emoji_dataset(out_dir, size=size, font=font, limit=limit, on_progress=on_render, overwrite=overwrite)
+    info = build_emoji_dataset(out_dir, size=size, font=font, limit=limit, on_progress=on_render, overwrite=overwrite,
+                               skin_tones=skin_tones)
     if text_encoder:
         embed_dataset(out_dir, text_encoder, on_embed)
     return info

@@ -157,11 +157,13 @@ def build_emoji_dataset(
     limit: int | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     overwrite: bool = False,
+    skin_tones: bool = True,
 ) -> dict:
     """Render the emoji set into ``out_dir``; returns the ``dataset.json`` dict.
 
     Images: uint8 (N, size, size, 3). Glyphs the font cannot draw as one image are
-    skipped and counted in ``meta["skipped"]``. ``limit`` keeps only the first K emoji.
+    skipped and counted in ``meta["skipped"]``. ``limit`` keeps only the first K emoji;
+    ``skin_tones=False`` leaves out the skin-tone variants.
     """
     if size < 1:
         raise MlxflowError(f"image size must be positive, got {size}")
@@ -173,6 +175,9 @@ def build_emoji_dataset(
     renderer = _Renderer(open_emoji_font(font_path))
 
     todo = list_emoji()
+    if not skin_tones:
+        # The five Fitzpatrick modifiers turn one person emoji into six near-identical images.
+        todo = [(e, label) for e, label in todo if not any(0x1F3FB <= ord(ch) <= 0x1F3FF for ch in e)]
     if limit is not None:
         todo = todo[: max(0, int(limit))]
     images, captions, skipped = [], [], []
@@ -199,6 +204,7 @@ def build_emoji_dataset(
         "font_size": renderer.px,
         "layout": "raqm" if _layout_engine() == ImageFont.Layout.RAQM else "basic",
         "background": list(background),
+        "skin_tones": bool(skin_tones),
         "render_seconds": round(time.perf_counter() - start, 2),
         "mlxflow_version": mlxflow_version(),
     }
