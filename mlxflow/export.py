@@ -62,6 +62,10 @@ def _export_labels(ck, out_dir: Path, data, export_label_table) -> str:
         return "skipped: training dataset not found (pass --data DIR)"
     dataset = ImageTextDataset.load(data)
     emb = dataset.text_embeddings(load_text_encoder(ck.text_encoder))
+    cfg = ck.model_config
+    if emb.shape[1:] != (cfg.text_tokens, cfg.text_dim):
+        raise MlxflowError(f"{data}: text embeddings {emb.shape[1:]} do not fit the model's text input "
+                           f"{(cfg.text_tokens, cfg.text_dim)}")
     export_label_table(emb, dataset.captions, out_dir, metadata={"text_encoder": ck.text_encoder})
     return f"{len(dataset)} prompts"
 

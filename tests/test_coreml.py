@@ -117,7 +117,6 @@ def _torch_out(model, x, t, text):
 META = {"family": "emoji", "preset": "standin", "train_steps": 0,
         "text_encoder": {"name": "sentence-transformers/all-MiniLM-L6-v2", "pooling": "mean", "normalize": True}}
 COMMON = dict(image_size=SIZE, text_tokens=TEXT_L, text_dim=TEXT_D, batch_sizes=(1, 2), metadata=META)
-REPORTS: dict[str, dict] = {}
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +154,6 @@ def test_fp32_matches_torch(model, fp32_package):
     assert got.shape == ref.shape and got.dtype == np.float32
     assert np.max(np.abs(got - ref)) < 1e-3
     report = coreml.verify_denoiser(fp32_package, model, n_steps=8)
-    REPORTS["fp32"] = report
     assert report["backend"] == ("coreml-predict" if sys.platform == "darwin" else "mil-numpy")
     assert report["denoiser_psnr"] >= 35 and report["trajectory_psnr"] >= 35, report
 
@@ -170,7 +168,6 @@ def test_enumerated_batch_sizes(model, fp32_program, batch):
 
 def test_fp16_export_passes_gate(fp16_report):
     r = fp16_report
-    REPORTS["fp16"] = r
     assert r["path"].exists() and r["size_mb"] > 0
     assert r["denoiser_psnr"] >= 35 and r["trajectory_psnr"] >= 35, r
     # the fp16 check must actually see fp16 rounding, not an fp32 evaluation
@@ -189,7 +186,6 @@ def test_palettized8_evaluates_and_gate_rejects_wrong_model(model, tmp_path):
     out = tmp_path / "pal8.mlpackage"
     r = coreml.export_and_verify(model, out_path=out, precision="fp16", compress="palettize8",
                                  compress_weight_threshold=512, **COMMON)
-    REPORTS["palettize8"] = r
     prog = __import__("convert.mil_eval", fromlist=["load_program"]).load_program(out)
     lut_ops = [op for op in prog.functions["main"].operations if op.op_type == "constexpr_lut_to_dense"]
     assert lut_ops
@@ -291,11 +287,3 @@ def test_coreml_predict_matches_torch(model, fp32_package):
         x, t, text = _inputs(batch)
         got = m.predict({"x_t": x, "t": t, "text": text})["velocity"]
         assert coreml.psnr(_torch_out(model, x, t, text), got) >= 35
-
-
-def test_zz_print_report():
-    """Print the PSNR table (pytest -s) gathered by the tests above."""
-    for name, r in REPORTS.items():
-        size = f"{r['size_mb']:.3f} MB" if "size_mb" in r else ""
-        print(f"\n[coreml] {name}: denoiser {r['denoiser_psnr']:.1f} dB, trajectory {r['trajectory_psnr']:.1f} dB, "
-              f"max|err| {r['max_abs_err']:.2e} {size} ({r['backend']})")
