@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -121,6 +122,9 @@ def cmd_sample(args) -> int:
 def cmd_bench(args) -> int:
     from mlxflow import api
 
+    if args.framework == "both" and importlib.util.find_spec("torch") is None:
+        console.print("torch is not installed: timing MLX only (pip install 'mlxflow[torch]' to compare)")
+        args.framework = "mlx"
     rows = []
     if args.framework in ("mlx", "both"):
         with console.status("timing MLX train steps..."):
@@ -288,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--preset", default="default")
     b.add_argument("--batch-size", type=int, default=32)
     b.add_argument("--steps", type=int, default=10)
-    b.add_argument("--framework", choices=["mlx", "torch", "both"], default="mlx")
+    b.add_argument("--framework", choices=["mlx", "torch", "both"], default="both",
+                   help="both (default) times MLX and torch on the same preset and batch")
     b.add_argument("--torch-device", default=None, help="cpu | cuda | mps (default: best available)")
     b.set_defaults(func=cmd_bench)
 

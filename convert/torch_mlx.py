@@ -14,36 +14,22 @@ MLX names and layouts (see mlxflow/checkpoint.py).
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 import numpy as np
 
 from mlxflow.checkpoint import Checkpoint, check_weights_fit, load_checkpoint
-from mlxflow.errors import MlxflowError
-
-# family -> (MLX module, torch module, class name). A new family adds one line.
-FAMILIES = {
-    "emoji": ("mlxflow.models.emoji", "mlxflow.torch_ref.emoji", "EmojiFlow"),
-}
+from mlxflow.models import model_class
 
 SAME, CONV, CONV_T = "same", "conv", "conv_transpose"
 
 
-def _family(family: str):
-    if family not in FAMILIES:
-        raise MlxflowError(f"no MLX<->torch weight map for model family '{family}' (known: {', '.join(FAMILIES)})")
-    return FAMILIES[family]
-
-
 def mlx_model_class(family: str):
-    mod, _, name = _family(family)
-    return getattr(importlib.import_module(mod), name)
+    return model_class(family, "mlx")
 
 
 def torch_model_class(family: str):
-    _, mod, name = _family(family)
-    return getattr(importlib.import_module(mod), name)
+    return model_class(family, "torch")
 
 
 def _config_key(model_config) -> tuple:
@@ -165,14 +151,6 @@ def load_torch_model(ckpt_or_path, device: str = "cpu", use_ema: bool = True):
 
 def load_mlx_model(ckpt_or_path, use_ema: bool = True):
     """-> (MLX model with the checkpoint's weights, evaluated, Checkpoint)."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
+    from mlxflow.sample import load_model
 
-    ckpt = _as_checkpoint(ckpt_or_path)
-    model = mlx_model_class(ckpt.family)(ckpt.model_config)
-    weights = _pick_weights(ckpt, use_ema)
-    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
-    check_weights_fit(expected, weights, f"checkpoint {ckpt.path}")
-    model.load_weights([(k, mx.array(v)) for k, v in weights.items()])
-    mx.eval(model.parameters())
-    return model, ckpt
+    return load_model(_as_checkpoint(ckpt_or_path), use_ema=use_ema)

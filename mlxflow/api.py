@@ -133,7 +133,8 @@ def prompt_fidelity(ckpt, data_dir, *, k: int = 16, n: int = 2, steps: int = 20,
     from .metrics import prompt_fidelity as fidelity
     from .models.text import load_text_encoder
     from .sample import load_model, sample_steps, to_uint8
-    from .train import build_model, resize_images
+    from .models import build_model
+    from .train import resize_images
 
     model, ck = load_model(ckpt)
     if untrained:
@@ -158,7 +159,8 @@ def bench_mlx(family: str, preset: str, batch_size: int = 32, steps: int = 10, w
     import time
 
     from .config import TrainConfig
-    from .train import build_model, make_optimizer, make_train_step, step_key
+    from .models import build_model
+    from .train import make_optimizer, make_train_step, step_key
 
     mcfg = preset_model_config(family, preset, text_dim=text_dim)
     tcfg = TrainConfig(batch_size=batch_size, steps=warmup + steps)

@@ -71,12 +71,13 @@ def save_png(img: Image.Image, path) -> Path:
     return path
 
 
-def load_model(ckpt_path, use_ema: bool = True):
+def load_model(ckpt_or_path, use_ema: bool = True):
     """(model, checkpoint) for sampling: EMA weights when the checkpoint has them."""
-    from .checkpoint import load_checkpoint
-    from .train import build_model, load_weights_into
+    from .checkpoint import Checkpoint, load_checkpoint
+    from .models import build_model
+    from .train import load_weights_into
 
-    ckpt = load_checkpoint(ckpt_path)
+    ckpt = ckpt_or_path if isinstance(ckpt_or_path, Checkpoint) else load_checkpoint(ckpt_or_path)
     model = build_model(ckpt.family, ckpt.model_config)
     load_weights_into(model, ckpt.inference_weights() if use_ema else ckpt.weights, f"checkpoint {ckpt.path}")
     mx.eval(model.parameters())

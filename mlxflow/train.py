@@ -28,6 +28,7 @@ from .checkpoint import check_weights_fit, list_checkpoints, load_checkpoint, re
 from .config import TrainConfig
 from .errors import MlxflowError
 from .flow import interpolate, sample_time, velocity_target, x_to_velocity
+from .models import build_model
 from .schedule import lr_at
 
 
@@ -38,14 +39,6 @@ def flow_matching_loss(model, x1: mx.array, x0: mx.array, t: mx.array, text: mx.
     if model.config.prediction == "x":
         pred = x_to_velocity(pred, x_t, t)
     return mx.mean(mx.square(pred.astype(mx.float32) - velocity_target(x0, x1)))
-
-
-def build_model(family: str, model_config):
-    if family == "emoji":
-        from .models.emoji import EmojiFlow
-
-        return EmojiFlow(model_config)
-    raise MlxflowError(f"unknown model family '{family}'")
 
 
 def step_key(seed: int, step: int) -> mx.array:

@@ -84,7 +84,7 @@ def test_checkpoints_that_do_not_fit_name_the_key(direction):
 
 
 def test_unknown_family():
-    with pytest.raises(MlxflowError, match="no MLX<->torch weight map"):
+    with pytest.raises(MlxflowError, match="unknown model family .nope."):
         mlx_to_torch({}, micro_emoji_config(), family="nope")
 
 

@@ -111,11 +111,9 @@ def weights_digest(model) -> str:
 
 
 def build_model(family: str, model_config):
-    if family == "emoji":
-        from .emoji import EmojiFlow
+    from ..models import model_class
 
-        return EmojiFlow(model_config)
-    raise MlxflowError(f"the torch trainer has no model for family '{family}' yet")
+    return model_class(family, "torch")(model_config)
 
 
 def _text_embeddings(dataset, text_encoder_spec):
