@@ -99,7 +99,7 @@ def sample_grid(model, embeddings: np.ndarray, *, steps: int = 20, solver: str =
 
     *_, (_, _, x) = sample_steps(model, mx.array(embeddings), steps=steps, solver=solver, cfg_scale=cfg_scale,
                                  seed=seed)
-    return make_grid(to_uint8(x), ncols=ncols)
+    return make_grid(to_uint8(x), ncols=ncols, scale=2)
 
 
 def sample(ckpt, prompts: list[str], output, *, n: int = 1, steps: int = 20, solver: str = "heun",
