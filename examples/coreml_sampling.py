@@ -5,7 +5,7 @@
 
 noise -> Heun (or Euler) steps over t: 0 -> 1 with classifier-free guidance, where the
 unconditional branch is the zero text embedding and both branches run as one batch-2 call
-(two batch-1 calls if the package only takes batch 1):  v = v_u + s * (v_c - v_u).
+(exported packages take batch sizes 1 and 2 by default):  v = v_u + s * (v_c - v_u).
 macOS runs the package with Core ML (MLModel.predict); elsewhere its ML Program is
 evaluated in numpy (convert/mil_eval.py) - slow but the same numbers.
 Without --labels, a random embedding is used (handy for smoke tests of a package).
@@ -24,37 +24,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from convert.coreml import load_label_table, open_denoiser  # noqa: E402
 from mlxflow.errors import MlxflowError  # noqa: E402
+from mlxflow.solvers import guided, integrate  # noqa: E402
 
 
-def guided_velocity(denoise, x, t, text, cfg, batch2):
-    """CFG velocity for one image x (1,C,H,W) at time t, text (1,L,D)."""
-    if cfg == 1.0:
-        return denoise(x, np.full((1,), t, np.float32), text)
-    uncond = np.zeros_like(text)
-    if batch2:
-        v = denoise(np.concatenate([x, x]), np.full((2,), t, np.float32), np.concatenate([text, uncond]))
-        v_c, v_u = v[:1], v[1:]
-    else:
-        v_c = denoise(x, np.full((1,), t, np.float32), text)
-        v_u = denoise(x, np.full((1,), t, np.float32), uncond)
-    return v_u + cfg * (v_c - v_u)
-
-
-def sample(denoise, text, shape, *, steps=20, cfg=7.5, solver="heun", seed=0, batch2=True):
-    """Integrate dx/dt = v from noise (t=0) to data (t=1); yields (step, x) after each step."""
+def sample(denoise, text, shape, *, steps=20, cfg=7.5, solver="heun", seed=0):
+    """Integrate dx/dt = v from noise (t=0) to data (t=1) with mlxflow's own numpy-ready
+    solvers; CFG runs conditional and unconditional (zero embedding) as one batch-2 call.
+    Yields (step, x) after each step."""
     x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-    ts = np.linspace(0.0, 1.0, steps + 1, dtype=np.float32)
-    for i in range(steps):
-        t0, t1 = float(ts[i]), float(ts[i + 1])
-        v0 = guided_velocity(denoise, x, t0, text, cfg, batch2)
-        if solver == "heun":
-            x_pred = x + (t1 - t0) * v0
-            v1 = guided_velocity(denoise, x_pred, t1, text, cfg, batch2)
-            x = x + (t1 - t0) * 0.5 * (v0 + v1)
-        else:
-            x = x + (t1 - t0) * v0
-        x = x.astype(np.float32)
-        yield i + 1, x
+
+    def model_fn(x, t, c):
+        return denoise(x, np.full((x.shape[0],), t, np.float32), c)
+
+    velocity = guided(model_fn, text, np.zeros_like(text), cfg)
+    for i, _, x in integrate(velocity, x, steps, solver):
+        yield i + 1, x.astype(np.float32)
 
 
 def to_png(x, path):
@@ -72,7 +56,7 @@ def main(argv=None):
     p.add_argument("--index", type=int, default=0, help="label row when no --prompt")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=7.5)
-    p.add_argument("--solver", choices=("heun", "euler"), default="heun")
+    p.add_argument("--solver", choices=("heun", "euler", "midpoint", "rk4"), default="heun")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", choices=("coreml-predict", "mil-numpy"), default=None)
     p.add_argument("--out", default="emoji.png")
@@ -81,7 +65,8 @@ def main(argv=None):
         denoise, info = open_denoiser(a.model, backend=a.backend)
         _, c, h, w = info["shapes"]["x_t"]
         _, L, D = info["shapes"]["text"]
-        batches = json.loads(info["metadata"].get("mlxflow.batch_sizes", "[1]"))
+        if 2 not in json.loads(info["metadata"].get("mlxflow.batch_sizes", "[1]")) and a.cfg != 1.0:
+            raise MlxflowError("this package does not take batch 2; export with --batch-sizes 1 2 or use --cfg 1")
         if a.labels:
             emb, prompts, _ = load_label_table(a.labels)
             if emb.shape[1:] != (L, D):
@@ -99,7 +84,7 @@ def main(argv=None):
         print(f"{name!r}: {a.solver} {a.steps} steps, cfg {a.cfg}, backend {info['backend']}")
         x = None
         for step, x in sample(denoise, text, (1, c, h, w), steps=a.steps, cfg=a.cfg, solver=a.solver,
-                              seed=a.seed, batch2=2 in batches):
+                              seed=a.seed):
             print(f"  step {step}/{a.steps}", end="\r", flush=True)
         to_png(x, a.out)
         print(f"\nwrote {a.out}")
