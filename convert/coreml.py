@@ -368,7 +368,7 @@ def verify_denoiser(mlmodel_or_path, torch_model, *, n_steps: int = 8, seed: int
 
     fn, info = open_denoiser(mlmodel_or_path, backend=backend)
     shapes = info["shapes"]
-    xs, ts, txs = shapes["x_t"], shapes["t"], shapes["text"]
+    xs, txs = shapes["x_t"], shapes["text"]
     rng = np.random.default_rng(seed)
     model = torch_model.eval().float()
 

@@ -187,3 +187,26 @@ def check_weights_fit(expected: dict[str, tuple], weights: dict[str, np.ndarray]
         if tuple(weights[k].shape) != tuple(shape):
             raise MlxflowError(f"{where} does not fit the model: '{k}' has shape {tuple(weights[k].shape)}, "
                                f"the model expects {tuple(shape)}")
+
+
+def checkpoint_to_resume(run_dir, resume: str, family: str, train_config: TrainConfig) -> tuple[Checkpoint, TrainConfig]:
+    """The checkpoint `--resume latest|PATH` names, and the train config to continue with.
+
+    The architecture and the data/schedule settings come from the checkpoint; only the
+    step budget and the logging/checkpoint/sample cadence may change on resume. Both
+    trainers (MLX and torch) resume through here.
+    """
+    from dataclasses import replace
+
+    run_dir = Path(run_dir)
+    if resume == "latest" and not list_checkpoints(run_dir):
+        raise MlxflowError(f"--resume latest: no checkpoint in {run_dir}")
+    ckpt = load_checkpoint(resolve_checkpoint(run_dir if resume == "latest" else Path(resume)), family=family,
+                           with_optimizer=True)
+    merged = replace(ckpt.train_config, steps=train_config.steps, log_every=train_config.log_every,
+                     ckpt_every=train_config.ckpt_every, sample_every=train_config.sample_every)
+    if ckpt.step >= merged.steps:
+        raise MlxflowError(f"checkpoint {ckpt.path} is already at step {ckpt.step} >= --steps {merged.steps}")
+    if ckpt.optimizer is None:
+        raise MlxflowError(f"checkpoint {ckpt.path} has no optimizer state; cannot resume exactly")
+    return ckpt, merged

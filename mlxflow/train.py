@@ -24,7 +24,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from .checkpoint import check_weights_fit, list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpoint import check_weights_fit, checkpoint_to_resume, list_checkpoints, save_checkpoint
 from .config import TrainConfig
 from .errors import MlxflowError
 from .flow import interpolate, sample_time, velocity_target, x_to_velocity
@@ -152,19 +152,8 @@ def train(run_dir, dataset, model_config, train_config: TrainConfig, *, text_enc
     run_dir = Path(run_dir)
     start_step, ckpt = 0, None
     if resume is not None:
-        source = run_dir if resume == "latest" else Path(resume)
-        if resume == "latest" and not list_checkpoints(run_dir):
-            raise MlxflowError(f"--resume latest: no checkpoint in {run_dir}")
-        ckpt = load_checkpoint(resolve_checkpoint(source), family=family, with_optimizer=True)
-        # The architecture and the data/schedule settings come from the checkpoint; only
-        # the step budget (and logging cadence) may change on resume.
-        model_config = ckpt.model_config
-        train_config = replace(ckpt.train_config, steps=train_config.steps, log_every=train_config.log_every,
-                               ckpt_every=train_config.ckpt_every, sample_every=train_config.sample_every)
-        text_encoder = ckpt.text_encoder
-        start_step = ckpt.step
-        if start_step >= train_config.steps:
-            raise MlxflowError(f"checkpoint {ckpt.path} is already at step {start_step} >= --steps {train_config.steps}")
+        ckpt, train_config = checkpoint_to_resume(run_dir, resume, family, train_config)
+        model_config, text_encoder, start_step = ckpt.model_config, ckpt.text_encoder, ckpt.step
 
     cfg = train_config
     if embeddings is None:
@@ -190,8 +179,6 @@ def train(run_dir, dataset, model_config, train_config: TrainConfig, *, text_enc
     if ckpt is not None:
         load_weights_into(model, ckpt.weights, f"checkpoint {ckpt.path}")
         load_weights_into(ema, ckpt.ema if ckpt.ema is not None else ckpt.weights, f"checkpoint {ckpt.path} (EMA)")
-        if ckpt.optimizer is None:
-            raise MlxflowError(f"checkpoint {ckpt.path} has no optimizer state; cannot resume exactly")
         optimizer.state = tree_unflatten([(k, mx.array(v)) for k, v in ckpt.optimizer.items()])
     mx.eval(model.parameters(), ema.parameters(), optimizer.state)
 

@@ -3,7 +3,6 @@
 import json
 
 import numpy as np
-import pytest
 
 import cli
 from mlxflow.checkpoint import save_checkpoint

@@ -2,7 +2,6 @@
 
 import json
 
-import mlx.core as mx
 import numpy as np
 import pytest
 

@@ -8,7 +8,6 @@ Images are centre-cropped to a square, resized, and alpha is composited on a bac
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Callable, Sequence
 

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
+from ..checkpoint import checkpoint_to_resume, list_checkpoints, save_checkpoint
 from ..config import TrainConfig
 from ..errors import MlxflowError
 from ..flow import interpolate, sample_time, velocity_target, x_to_velocity
@@ -193,23 +193,12 @@ def train_torch(run_dir, dataset_or_path, model_config, train_config: TrainConfi
     run_dir = Path(run_dir)
     rank, world, device, created_group = _setup_distributed(device)
     try:
-        # ---- resume (same rules as the MLX trainer): architecture, data and schedule settings
-        # come from the checkpoint; only the step budget and logging/checkpoint cadence may change.
+        # ---- resume: the same rules as the MLX trainer (checkpoint.checkpoint_to_resume)
         ckpt, start_step = None, 0
         if resume is not None:
-            src = run_dir if resume == "latest" else Path(resume)
-            if resume == "latest" and not list_checkpoints(run_dir):
-                raise MlxflowError(f"--resume latest: no checkpoint in {run_dir}")
-            ckpt = load_checkpoint(resolve_checkpoint(src), family=family, with_optimizer=True)
-            model_config = ckpt.model_config
-            train_config = replace(ckpt.train_config, steps=train_config.steps, log_every=train_config.log_every,
-                                   ckpt_every=train_config.ckpt_every, sample_every=train_config.sample_every)
+            ckpt, train_config = checkpoint_to_resume(run_dir, resume, family, train_config)
+            model_config, start_step = ckpt.model_config, ckpt.step
             text_encoder_spec = ckpt.text_encoder or text_encoder_spec
-            start_step = ckpt.step
-            if start_step >= train_config.steps:
-                raise MlxflowError(f"checkpoint {ckpt.path} is already at step {start_step} >= --steps {train_config.steps}")
-            if ckpt.optimizer is None:
-                raise MlxflowError(f"checkpoint {ckpt.path} has no optimizer state; cannot resume exactly")
         cfg = train_config
 
         # ---- data
