@@ -20,7 +20,8 @@ SUPPORTED_FAMILIES = ("emoji",)
 
 
 def export_coreml(ckpt, out_dir, *, precision: str = "fp16", compress: str | None = None,
-                  batch_sizes=(1, 2), min_psnr: float = 35.0, data=None, text_encoder: bool = True) -> dict:
+                  batch_sizes=(1, 2), min_psnr: float = 35.0, data=None, text_encoder: bool = True,
+                  deployment_target: str = "iOS17") -> dict:
     """Export, verify (PSNR gate) and write the app bundle; returns a flat report dict."""
     from convert.coreml import SOLVER_ADVICE, TIME_CONVENTION, export_and_verify, export_label_table
     from convert.torch_mlx import load_torch_model
@@ -40,7 +41,7 @@ def export_coreml(ckpt, out_dir, *, precision: str = "fp16", compress: str | Non
     report = export_and_verify(torch_model, out_path=out_dir / "EmojiDenoiser.mlpackage", image_size=cfg.image_size,
                                channels=cfg.in_channels, text_tokens=cfg.text_tokens, text_dim=cfg.text_dim,
                                precision=precision, compress=compress, batch_sizes=tuple(batch_sizes),
-                               metadata=metadata, psnr_gate=min_psnr)
+                               metadata=metadata, psnr_gate=min_psnr, deployment_target=deployment_target)
     result = {"denoiser": str(report["path"]), "size_mb": report["size_mb"],
               "denoiser_psnr_db": report["denoiser_psnr"], "trajectory_psnr_db": report["trajectory_psnr"],
               "verified_with": report["backend"], "precision": precision, "compress": compress or "none"}
