@@ -35,6 +35,22 @@ def test_render_emoji_subset(tmp_path):
         emoji_data.build_emoji_dataset(tmp_path / "e", size=32, limit=2)
 
 
+@needs_font
+def test_renderer_skips_what_the_font_cannot_draw():
+    r = emoji_data._Renderer(emoji_data.open_emoji_font(emoji_data.find_emoji_font()))
+    assert r.render("\U0001F600") is not None  # grinning face
+    assert r.render("\U0001F1EB\U0001F1F7") is not None  # flag: France
+    assert r.render("\U0001F468\u200d\U0001F469\u200d\U0001F467") is not None  # family ZWJ ligature
+    assert r.render("\U0010FFFD") is None  # unassigned: tofu or nothing
+    assert r.render("\U0001F1FF\U0001F1FF") is None  # unknown region: placeholder flag
+    assert r.render("\U0001F600\U0001F600\U0001F600") is None  # falls apart into three glyphs
+    # an unknown subdivision flag collapses onto the plain black flag
+    tags = "".join(chr(0xE0000 + ord(c)) for c in "zzzzz") + "\U000E007F"
+    assert r.render("\U0001F3F4" + tags) is None
+    # a base the font lacks leaves only the skin-tone swatch: U+10FFFD stands in for it
+    assert r.render("\U0010FFFD\U0001F3FF") is None
+
+
 def test_no_font_says_how_to_get_one(monkeypatch, tmp_path):
     monkeypatch.setattr(emoji_data, "_FONT_CANDIDATES", ())
     monkeypatch.setattr(emoji_data, "_fc_match", lambda: None)

@@ -124,3 +124,58 @@ def test_clip_real_weights():
     enc = load_text_encoder(f"clip:{os.environ['MLXFLOW_CLIP_WEIGHTS']}")
     e = enc.encode(["a photo of a dog", "a photo of a puppy", "a diagram of an engine"])[:, 0]
     assert e.shape == (3, 512) and e[0] @ e[1] > e[0] @ e[2]
+
+
+def _numpy_bert(folder, ids, mask):
+    """Independent reference: BERT straight from the HF key names in numpy (erf GELU, post-LN,
+    additive padding mask, masked mean pooling, L2 norm). Shares no code with the package."""
+    import math
+
+    from safetensors.numpy import load_file
+
+    cfg = json.loads((folder / "config.json").read_text())
+    w = {k: v.astype(np.float64) for k, v in load_file(str(folder / "model.safetensors")).items()}
+    eps, heads = cfg["layer_norm_eps"], cfg["num_attention_heads"]
+    erf = np.vectorize(math.erf)
+
+    def ln(x, p):
+        mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+        return (x - mu) / np.sqrt(var + eps) * w[p + ".weight"] + w[p + ".bias"]
+
+    def lin(x, p):
+        return x @ w[p + ".weight"].T + w[p + ".bias"]
+
+    b, t = ids.shape
+    x = (w["embeddings.word_embeddings.weight"][ids] + w["embeddings.position_embeddings.weight"][:t]
+         + w["embeddings.token_type_embeddings.weight"][0])
+    x = ln(x, "embeddings.LayerNorm")
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"encoder.layer.{i}."
+        split = lambda y: y.reshape(b, t, heads, -1).transpose(0, 2, 1, 3)  # noqa: E731
+        q, k, v = (split(lin(x, p + f"attention.self.{n}")) for n in ("query", "key", "value"))
+        s = q @ k.transpose(0, 1, 3, 2) / math.sqrt(q.shape[-1]) + np.where(mask[:, None, None, :], 0, -1e9)
+        a = np.exp(s - s.max(-1, keepdims=True))
+        a = (a / a.sum(-1, keepdims=True)) @ v
+        x = ln(x + lin(a.transpose(0, 2, 1, 3).reshape(b, t, -1), p + "attention.output.dense"),
+               p + "attention.output.LayerNorm")
+        h = lin(x, p + "intermediate.dense")
+        x = ln(x + lin(0.5 * h * (1 + erf(h / math.sqrt(2))), p + "output.dense"), p + "output.LayerNorm")
+    m = mask[..., None].astype(np.float64)
+    pooled = (x * m).sum(1) / m.sum(1)
+    return pooled / np.linalg.norm(pooled, axis=-1, keepdims=True)
+
+
+@needs_minilm
+def test_minilm_matches_independent_numpy_bert(tmp_path):
+    folder = _tiny_hf_folder(tmp_path, default_minilm_folder())
+    # A large eps makes a dropped or misplaced layer_norm_eps visible; 0.5-scale weights make
+    # tanh-GELU and erf-GELU differ by far more than the tolerance.
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "layer_norm_eps": 0.05}))
+    enc = MiniLMEncoder(folder)
+    texts = ["a", "two words here", "a longer sentence so that the others get padded"]
+    ids, mask = enc.tokenize(texts)
+    assert (mask == 0).any()  # padding is exercised
+    ref = _numpy_bert(folder, ids, mask.astype(bool))
+    # Measured: 6e-8 here; tanh-GELU gives 5e-5, eps 1e-12 gives 5e-3, no mask 3e-2.
+    assert np.abs(enc.encode(texts)[:, 0] - ref).max() < 1e-6

@@ -33,6 +33,10 @@ _PREFERRED_SIZES = (160, 137, 136, 128, 109, 96, 72, 64, 52, 48, 40, 32, 26, 20)
 
 # A codepoint no font assigns (plane 16 private use): renders the font's .notdef/tofu.
 _UNASSIGNED = "\U0010FFFD"
+# Regional indicators "ZZ": a well-formed flag sequence that names no region.
+_UNKNOWN_FLAG = "\U0001F1FF\U0001F1FF"
+# Zero-width joiner and emoji presentation selector: glue, not parts of a sequence.
+_JOINERS = {"\u200d", "\ufe0f"}
 
 
 def _fc_match() -> str | None:
@@ -108,8 +112,12 @@ class _Renderer:
     def __init__(self, font: ImageFont.FreeTypeFont):
         self.font = font
         self.px = int(font.size)
-        tofu = self._draw(_UNASSIGNED)
-        self.tofu = None if tofu is None else np.asarray(tofu)
+        # Renders that mean "this font does not know the emoji": the .notdef/tofu glyph and
+        # the placeholder fonts draw for an unknown flag (Noto: a white flag with "?").
+        self.placeholders = [
+            a for a in (self._array(_UNASSIGNED), self._array(_UNKNOWN_FLAG)) if a is not None
+        ]
+        self._singles: dict[str, np.ndarray | None] = {}
         ref = self._draw("\U0001F600")  # grinning face: the size of one ordinary glyph
         if ref is None:
             raise MlxflowError(f"{font.path} draws no colour emoji (is it an emoji font?)")
@@ -125,17 +133,36 @@ class _Renderer:
         bbox = canvas.getchannel("A").getbbox()
         return None if bbox is None else canvas.crop(bbox)
 
+    def _array(self, text: str) -> np.ndarray | None:
+        img = self._draw(text)
+        return None if img is None else np.asarray(img)
+
+    def _single(self, ch: str) -> np.ndarray | None:
+        if ch not in self._singles:
+            self._singles[ch] = self._array(ch)
+        return self._singles[ch]
+
     def render(self, text: str) -> Image.Image | None:
         img = self._draw(text)
-        if img is None:
+        if img is None or img.width > self.max_width:
             return None
-        if self.tofu is not None and img.size == self.tofu.shape[1::-1] and np.array_equal(
-            np.asarray(img), self.tofu
-        ):
+        arr = np.asarray(img)
+        if any(_same(arr, p) for p in self.placeholders):
             return None
-        if img.width > self.max_width:
+        # A sequence the font does not know can collapse onto one of its parts: a missing
+        # base leaves only the skin-tone swatch, an unknown subdivision flag only the black
+        # flag. Equal to its own base is fine otherwise (Noto's snowboarder hides the skin).
+        parts = [ch for ch in text if ch not in _JOINERS]
+        suspects = set(parts[1:])
+        if any(0xE0020 <= ord(ch) <= 0xE007F for ch in parts):  # tag characters
+            suspects.add(parts[0])
+        if any(_same(arr, self._single(ch)) for ch in suspects):
             return None
         return img
+
+
+def _same(a: np.ndarray, b: np.ndarray | None) -> bool:
+    return b is not None and a.shape == b.shape and np.array_equal(a, b)
 
 
 def fit_square(img: Image.Image, size: int, background: Sequence[int]) -> np.ndarray:
