@@ -189,7 +189,7 @@ def cmd_export(args) -> int:
     with console.status("converting and verifying..."):
         report = export_coreml(args.ckpt, args.out, precision=args.precision, compress=args.compress,
                                batch_sizes=tuple(args.batch_sizes), min_psnr=args.min_psnr, data=args.data,
-                               deployment_target=args.target)
+                               deployment_target=args.deployment_target)
     table = Table(title=f"Core ML export: {args.out}")
     table.add_column("item")
     table.add_column("value")
@@ -317,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--compress", choices=["palettize6", "palettize8", "int8"])
     e.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2])
     e.add_argument("--min-psnr", type=float, default=35.0, help="refuse an export below this PSNR (dB) vs torch")
-    e.add_argument("--target", default="iOS17", choices=["iOS17", "iOS18", "macOS14", "macOS15"],
+    e.add_argument("--target", dest="deployment_target", default="iOS17", choices=["iOS17", "iOS18", "macOS14", "macOS15"],
                    help="deployment target; iOS18/macOS15 give true enumerated batch shapes")
     e.add_argument("--data", help="training dataset folder for the label table (default: the one the run used)")
     e.set_defaults(func=cmd_export)
