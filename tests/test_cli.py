@@ -107,3 +107,10 @@ def test_train_sample_round_trip(capsys, tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "prev").iterdir()) == ["step-002.png", "step-004.png"]
     code, out, err = run(capsys, "sample", str(tmp_path / "r"), "x", "--output", str(tmp_path / "g.jpg"))
     assert code == 1 and ".png" in one_error_line(err)
+
+
+def test_export_options_parse():
+    args = cli.build_parser().parse_args(["export", "coreml", "RUN", "OUT", "--target", "iOS18",
+                                          "--compress", "palettize6", "--batch-sizes", "1", "2", "4"])
+    assert (args.target, args.deployment_target, args.compress, args.batch_sizes) == \
+        ("coreml", "iOS18", "palettize6", [1, 2, 4])
