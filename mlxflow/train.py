@@ -197,7 +197,8 @@ def train(run_dir, dataset, model_config, train_config: TrainConfig, *, text_enc
             on_checkpoint(path)
         return path
 
-    last_good = list_checkpoints(run_dir)[-1] if list_checkpoints(run_dir) else None
+    existing = list_checkpoints(run_dir)
+    last_good = existing[-1] if existing else None
     losses: list[float] = []
     step = start_step
     tic = time.perf_counter()
