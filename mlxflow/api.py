@@ -6,6 +6,7 @@ progress bars on top and nothing else.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -67,12 +68,13 @@ def train_model(family: str, data_dir, out_dir, *, preset: str = "default", step
     tcfg = preset_train_config(family, preset, steps=steps, **(train_overrides or {}))
     dataset = ImageTextDataset.load(data_dir)
     if resume is not None:
-        from .checkpoint import load_checkpoint, resolve_checkpoint
+        # A resumed run embeds with the encoder it was trained with (only config.json is read).
+        from .checkpoint import resolve_checkpoint
 
-        source = Path(out_dir) if resume == "latest" else Path(resume)
         try:
-            text_encoder = load_checkpoint(resolve_checkpoint(source)).text_encoder
-        except MlxflowError:
+            config = resolve_checkpoint(Path(out_dir) if resume == "latest" else Path(resume)) / "config.json"
+            text_encoder = json.loads(config.read_text()).get("text_encoder", text_encoder)
+        except (MlxflowError, ValueError):
             pass  # train() reports the precise problem
     embeddings = dataset.text_embeddings(load_text_encoder(text_encoder))
 
