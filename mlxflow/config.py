@@ -93,7 +93,7 @@ EMOJI_PRESETS: dict[str, dict] = {
 
 TRAIN_PRESETS: dict[str, dict[str, dict]] = {
     "emoji": {
-        "tiny": dict(steps=400, batch_size=16, lr=1e-3, warmup_steps=50, ema_decay=0.99, ckpt_every=200,
+        "tiny": dict(steps=400, batch_size=16, lr=5e-3, warmup_steps=50, ema_decay=0.99, ckpt_every=200,
                      sample_steps=20),
         "default": dict(steps=20000, batch_size=32, lr=3e-4, warmup_steps=500, ema_decay=0.999),
         "seed": dict(steps=60000, batch_size=32, lr=1e-4, warmup_steps=500, ema_decay=0.999),
