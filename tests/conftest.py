@@ -61,3 +61,34 @@ def quick_train_config(**overrides) -> TrainConfig:
     base = dict(steps=6, batch_size=8, lr=2e-3, warmup_steps=2, ema_decay=0.9, ckpt_every=3, log_every=1,
                 keep_checkpoints=5, cond_dropout=0.15, seed=0)
     return TrainConfig(**{**base, **overrides})
+
+
+def caption_code_encoder(spec: str, captions: list[str], embeddings: np.ndarray):
+    """A text encoder that returns the synthetic set's caption codes (zeros for unknown text)."""
+    from mlxflow.models.text import TextEncoder
+
+    lookup = dict(zip(captions, embeddings))
+    zeros = np.zeros(embeddings.shape[1:], np.float32)
+
+    class CaptionCodes(TextEncoder):
+        id = spec
+        dim, tokens = embeddings.shape[2], embeddings.shape[1]
+
+        def encode(self, texts):
+            return np.stack([lookup.get(t, zeros) for t in texts])
+
+    enc = CaptionCodes()
+    enc.spec = spec
+    return enc
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Two cores shared with other processes: torch's OpenMP threads spin against them
+    (a 40 ms forward became 2.5 s); one thread is fastest here."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -7,7 +7,7 @@ import numpy as np
 import cli
 from mlxflow.checkpoint import save_checkpoint
 
-from conftest import make_shapes_dataset, micro_emoji_config, quick_train_config
+from conftest import caption_code_encoder, make_shapes_dataset, micro_emoji_config, quick_train_config
 
 
 def run(capsys, *argv):
@@ -74,15 +74,7 @@ def test_train_sample_round_trip(capsys, tmp_path, monkeypatch):
 
     ds, emb = make_shapes_dataset(tmp_path / "d", n=16)
 
-    class Fake(text.TextEncoder):
-        id = spec = "fake"
-        dim, tokens = 8, 1
-
-        def encode(self, texts):
-            lookup = dict(zip(ds.captions, emb))
-            return np.stack([lookup.get(t, np.zeros((1, 8), np.float32)) for t in texts])
-
-    monkeypatch.setitem(text._CACHE, "fake", Fake())
+    monkeypatch.setitem(text._CACHE, "fake", caption_code_encoder("fake", ds.captions, emb))
     micro = {k: v for k, v in vars(micro_emoji_config()).items() if k not in ("text_dim", "text_tokens")}
     monkeypatch.setitem(config.EMOJI_PRESETS, "micro", micro)
     monkeypatch.setitem(config.TRAIN_PRESETS["emoji"], "micro", dict(batch_size=8, lr=2e-3, warmup_steps=2))

@@ -24,12 +24,8 @@ FAST = dict(batch=2, steps=3, solver="heun", cfg_scale=3.0)
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # Two shared cores: torch's OpenMP threads spin against other processes; one is fastest.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _torch_threads(one_torch_thread):
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

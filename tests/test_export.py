@@ -10,7 +10,7 @@ from mlxflow.checkpoint import save_checkpoint
 from mlxflow.crosscheck import crosscheck
 from mlxflow.train import train
 
-from conftest import micro_emoji_config, quick_train_config
+from conftest import caption_code_encoder, micro_emoji_config, quick_train_config
 
 pytest.importorskip("torch", reason="torch is not installed")
 
@@ -25,16 +25,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("trained")
     ds, emb = make_shapes_dataset(root / "data", n=16)
 
-    class ShapesEncoder(text.TextEncoder):
-        """The synthetic set's 8-dim caption codes, as a text encoder."""
-        id = spec = "shapes"
-        dim, tokens = 8, 1
-
-        def encode(self, texts):
-            lookup = dict(zip(ds.captions, emb))
-            return np.stack([lookup[t] for t in texts])
-
-    text._CACHE["shapes"] = ShapesEncoder()
+    text._CACHE["shapes"] = caption_code_encoder("shapes", ds.captions, emb)
     out = train(root / "run", ds, micro_emoji_config(), quick_train_config(steps=4, weight_decay=0.01),
                 text_encoder="shapes", embeddings=emb)
     yield root, out["checkpoint"]

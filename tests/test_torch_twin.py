@@ -19,13 +19,8 @@ from mlxflow.torch_ref.emoji import EmojiFlow as TorchEmojiFlow
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # Two cores shared with other processes: torch's OpenMP threads spin against them
-    # (a 40 ms forward became 2.5 s); one thread is fastest here.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _torch_threads(one_torch_thread):
     yield
-    torch.set_num_threads(n)
 
 
 def random_mlx_model(cfg, seed=0):
