@@ -54,10 +54,6 @@ VERIFY_PROMPTS = (
     "flag: Japan",
     "thumbs up: medium-dark skin tone",
 )
-# Additive attention-mask value. The torch twin uses -1e9, which is -inf in fp16: fine for
-# a softmax in principle, but finite values are the safer choice on GPU / Neural Engine
-# kernels; -1e4 still underflows exp() to exactly 0 in fp16 and fp32.
-_MASK_VALUE = -1e4
 _PRECISIONS = ("fp16", "fp32")
 
 
@@ -76,12 +72,8 @@ def _spec_string(spec) -> str | None:
 # ----------------------------------------------------------------------------- torch wrapper
 
 
-def _export_module(twin, *, fp16_safe_mask: bool = True):
-    """Wrap the torch twin for tracing: int32 inputs, (1, D) output, finite mask value.
-
-    Same computation as ``mlxflow.torch_ref.text.BertEncoder.forward`` (its submodules and
-    weights are reused) except the mask constant; the export is verified against MLX anyway.
-    """
+def _export_module(twin):
+    """Wrap the torch twin for tracing: Core ML passes int32 token ids, nn.Embedding wants int64."""
     import torch
     import torch.nn as nn
 
@@ -91,20 +83,7 @@ def _export_module(twin, *, fp16_safe_mask: bool = True):
             self.bert = bert
 
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            bert = self.bert
-            ids = input_ids.long()  # nn.Embedding wants int64 in torch; Core ML keeps int32
-            x = bert.embeddings(ids, torch.zeros_like(ids))
-            keep = attention_mask.float()
-            additive = ((1.0 - keep) * _MASK_VALUE)[:, None, None, :]
-            for layer in bert.layers:
-                x = layer(x, additive)
-            if bert.pooling == "cls":
-                pooled = x[:, 0]
-            else:
-                pooled = (x * keep[..., None]).sum(dim=1) / keep.sum(dim=1, keepdim=True).clamp_min(1e-9)
-            if bert.normalize:
-                pooled = pooled / pooled.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            return pooled
+            return self.bert(input_ids.long(), attention_mask)
 
     return TextEncoderForExport(twin).eval()
 

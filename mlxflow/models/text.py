@@ -36,6 +36,11 @@ class TextEncoder:
 
 # --- BERT in MLX --------------------------------------------------------------------------
 
+# Additive score for padding keys. Finite and representable in fp16 (the Core ML export
+# runs this graph in fp16), yet exp(-1e4) underflows to exactly 0 in fp16 and fp32, so
+# padding gets zero attention weight and a fully padded row stays finite.
+MASK_VALUE = -1e4
+
 class BertEmbeddings(nn.Module):
     def __init__(self, vocab: int, dim: int, max_positions: int, type_vocab: int, eps: float):
         super().__init__()
@@ -83,8 +88,7 @@ class BertEncoder(nn.Module):
         type_ids = mx.zeros_like(ids) if type_ids is None else type_ids
         x = self.embeddings(ids, type_ids)
         keep = attention_mask.astype(mx.float32)
-        # Padding keys get a large negative score (not -inf: a fully padded row stays finite).
-        additive = ((1.0 - keep) * -1e9)[:, None, None, :].astype(x.dtype)
+        additive = ((1.0 - keep) * MASK_VALUE)[:, None, None, :].astype(x.dtype)
         for layer in self.layers:
             x = layer(x, additive)
         if self.pooling == "cls":

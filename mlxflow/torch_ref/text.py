@@ -14,6 +14,11 @@ import torch.nn.functional as F
 from .layers import Attention
 
 
+# Additive score for padding keys. Finite and representable in fp16 (the Core ML export
+# runs this graph in fp16), yet exp(-1e4) underflows to exactly 0 in fp16 and fp32, so
+# padding gets zero attention weight and a fully padded row stays finite.
+MASK_VALUE = -1e4
+
 class BertEmbeddings(nn.Module):
     def __init__(self, vocab: int, dim: int, max_positions: int, type_vocab: int, eps: float):
         super().__init__()
@@ -59,7 +64,7 @@ class BertEncoder(nn.Module):
         type_ids = torch.zeros_like(ids) if type_ids is None else type_ids
         x = self.embeddings(ids, type_ids)
         keep = attention_mask.float()
-        additive = ((1.0 - keep) * -1e9)[:, None, None, :].to(x.dtype)
+        additive = ((1.0 - keep) * MASK_VALUE)[:, None, None, :].to(x.dtype)
         for layer in self.layers:
             x = layer(x, additive)
         if self.pooling == "cls":
