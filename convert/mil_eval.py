@@ -338,6 +338,15 @@ def _layer_norm(op, a):
     return y
 
 
+def _channel_affine(y, a, shape):
+    """Optional per-channel gamma/beta of the norm ops, reshaped to broadcast as `shape`."""
+    if a.get("gamma") is not None:
+        y = y * _f32(a["gamma"]).reshape(shape)
+    if a.get("beta") is not None:
+        y = y + _f32(a["beta"]).reshape(shape)
+    return y
+
+
 @_kernel("instance_norm")
 def _instance_norm(op, a):
     x = _f32(a["x"])
@@ -346,11 +355,7 @@ def _instance_norm(op, a):
     var = ((x - mu) ** 2).mean(axis=ax, keepdims=True)
     y = (x - mu) / np.sqrt(var + np.float32(a.get("epsilon") or 1e-5))
     shp = (1, -1) + (1,) * (x.ndim - 2)
-    if a.get("gamma") is not None:
-        y = y * _f32(a["gamma"]).reshape(shp)
-    if a.get("beta") is not None:
-        y = y + _f32(a["beta"]).reshape(shp)
-    return y
+    return _channel_affine(y, a, shp)
 
 
 @_kernel("batch_norm")
@@ -358,11 +363,7 @@ def _batch_norm(op, a):
     x = _f32(a["x"])
     shp = (1, -1) + (1,) * (x.ndim - 2)
     y = (x - _f32(a["mean"]).reshape(shp)) / np.sqrt(_f32(a["variance"]).reshape(shp) + np.float32(a.get("epsilon") or 1e-5))
-    if a.get("gamma") is not None:
-        y = y * _f32(a["gamma"]).reshape(shp)
-    if a.get("beta") is not None:
-        y = y + _f32(a["beta"]).reshape(shp)
-    return y
+    return _channel_affine(y, a, shp)
 
 
 @_kernel("reshape")
