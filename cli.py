@@ -63,11 +63,10 @@ def cmd_train(args) -> int:
                  "bf16": True if args.bf16 else None, "seed": args.seed, "ckpt_every": args.ckpt_every,
                  "sample_every": args.sample_every, "log_every": None}
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    if args.framework == "torch":
-        return _train_torch(args, overrides)
     log_every = args.log_every
+    label = "train" if args.framework == "mlx" else f"train ({args.framework})"
     with _bar(TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[speed]} img/s")) as progress:
-        task = progress.add_task("train", total=None, loss="-", lr="-", speed="-")
+        task = progress.add_task(label, total=None, loss="-", lr="-", speed="-")
 
         def on_step(info):
             progress.update(task, completed=info.step, total=info.total, loss=f"{info.loss:.4f}",
@@ -79,25 +78,17 @@ def cmd_train(args) -> int:
 
         result = api.train_model(args.family, args.data, args.out, preset=args.preset, steps=args.steps,
                                  resume=args.resume, text_encoder=args.text_encoder, train_overrides=overrides,
-                                 on_step=on_step,
+                                 framework=args.framework, device=args.device, on_step=on_step,
+                                 on_message=lambda msg: progress.console.print(msg, highlight=False),
                                  on_sample=lambda step, path: progress.console.print(f"step {step}: samples {path}"))
-    out.print(f"checkpoint: {result['checkpoint']}")
-    return 0
-
-
-def _train_torch(args, overrides) -> int:
-    from mlxflow.config import model_config, train_config
-    from mlxflow.data.dataset import ImageTextDataset
-    from mlxflow.torch_ref.train import train_torch
-
-    mcfg = model_config(args.family, args.preset)
-    tcfg = train_config(args.family, args.preset, steps=args.steps, **overrides)
-    with _bar(TextColumn("loss {task.fields[loss]}")) as progress:
-        task = progress.add_task("train (torch)", total=tcfg.steps, loss="-")
-        result = train_torch(args.out, ImageTextDataset.load(args.data), mcfg, tcfg, args.text_encoder,
-                             family=args.family, resume=args.resume,
-                             on_step=lambda step, m: progress.update(task, completed=step, loss=f"{m['loss']:.4f}"))
-    out.print(f"checkpoint: {result['checkpoint']}")
+    if result.interrupted:
+        resume = " ".join(["mlxflow", "train", args.family, "--data", args.data, "--out", args.out, "--resume", "latest"]
+                          + (["--framework", args.framework] if args.framework != "mlx" else [])
+                          + (["--steps", str(args.steps)] if args.steps else []))
+        print(f"interrupted at step {result.steps}: checkpoint {result.checkpoint}\nresume with: {resume}",
+              file=sys.stderr)
+        return 130
+    out.print(f"checkpoint: {result.checkpoint}")
     return 0
 
 
@@ -124,19 +115,13 @@ def cmd_bench(args) -> int:
     if args.framework == "both" and importlib.util.find_spec("torch") is None:
         console.print("torch is not installed: timing MLX only (pip install 'mlxflow[torch]' to compare)")
         args.framework = "mlx"
+    frameworks = ["mlx", "torch"] if args.framework == "both" else [args.framework]
     rows = []
-    if args.framework in ("mlx", "both"):
-        with console.status("timing MLX train steps..."):
-            rows.append(api.bench_mlx(args.family, args.preset, args.batch_size, args.steps))
-    if args.framework in ("torch", "both"):
-        from mlxflow.config import model_config
-        from mlxflow.torch_ref.train import benchmark_torch
-
-        with console.status("timing torch train steps..."):
-            r = benchmark_torch(model_config(args.family, args.preset), args.batch_size, steps=args.steps,
-                                device=args.torch_device)
-        rows.append({"framework": "torch", **r})
-    table = Table(title=f"{args.family}/{args.preset} train step, batch {args.batch_size}")
+    for fw in frameworks:
+        with console.status(f"timing {fw} train steps..."):
+            rows.append(api.bench(args.family, args.preset, args.batch_size, args.steps, framework=fw,
+                                  device=args.torch_device if fw == "torch" else None))
+    table = Table(title=f"{args.family}/{args.preset or 'default'} train step, batch {args.batch_size}")
     for col in ("framework", "device", "img/s", "peak MB", "params", "BLAS"):
         table.add_column(col)
     for r in rows:
@@ -171,16 +156,12 @@ def cmd_fidelity(args) -> int:
 # --- crosscheck / export ----------------------------------------------------------------
 
 def cmd_crosscheck(args) -> int:
-    from mlxflow.crosscheck import crosscheck, render
+    from mlxflow.crosscheck import run_crosscheck_cli
 
     with console.status("running both frameworks..."):
-        report = crosscheck(args.ckpt, batch=args.batch, steps=args.steps, solver=args.solver, cfg_scale=args.cfg,
-                            seed=args.seed, tol=args.tol, device=args.device, train_step=not args.no_train_step)
-    out.print(render(report))
-    if not report.passed:
-        console.print("[red]crosscheck failed: a tolerance was exceeded")
-        return 1
-    return 0
+        return run_crosscheck_cli(args.ckpt, console=out, batch=args.batch, steps=args.steps, solver=args.solver,
+                                  cfg_scale=args.cfg, seed=args.seed, tol=args.tol, device=args.device,
+                                  train_step=not args.no_train_step)
 
 
 def cmd_export(args) -> int:
@@ -203,7 +184,7 @@ def cmd_export(args) -> int:
 
 def cmd_demo(args) -> int:
     """Build the emoji set, train the tiny preset briefly, write a sample grid: the commands a user would type."""
-    from mlxflow.checkpoint import list_checkpoints
+    from mlxflow.checkpoint import checkpoint_step, list_checkpoints
 
     root = Path(args.out)
     data, run, grid = root / "emoji-data", root / "run-tiny", root / "samples.png"
@@ -212,10 +193,12 @@ def cmd_demo(args) -> int:
         # Without skin-tone variants: 1.9k distinct emoji instead of 3.8k near-duplicates.
         cmd_data(parse(["data", "emoji", str(data), "--no-skin-tones"] + (["--font", args.font] if args.font else [])))
     ckpts = list_checkpoints(run)
-    done = int(ckpts[-1].name.split("-")[1]) if ckpts else 0
+    done = checkpoint_step(ckpts[-1]) if ckpts else 0
     if done < args.steps:
-        cmd_train(parse(["train", "emoji", "--data", str(data), "--out", str(run), "--preset", "tiny",
+        rc = cmd_train(parse(["train", "emoji", "--data", str(data), "--out", str(run), "--preset", "tiny",
                          "--steps", str(args.steps)] + (["--resume", "latest"] if ckpts else [])))
+        if rc:
+            return rc
     prompts = ["grinning face", "red heart", "thumbs up", "fire", "pizza", "rocket"]
     cmd_sample(parse(["sample", str(run), *prompts, "--n", "4", "--output", str(grid)]))
     out.print(f"[bold green]sample grid:[/] {grid.resolve()} (rows: {', '.join(prompts)})")
@@ -225,6 +208,8 @@ def cmd_demo(args) -> int:
 # --- parser --------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
+    from mlxflow.families import family_names
+
     p = argparse.ArgumentParser(prog="mlxflow", description="Flow-matching image generators in MLX.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -243,10 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_data)
 
     t = sub.add_parser("train", help="train a model")
-    t.add_argument("family", choices=["emoji"])
+    t.add_argument("family", choices=family_names())
     t.add_argument("--data", required=True)
     t.add_argument("--out", required=True, help="run folder (checkpoints, samples)")
-    t.add_argument("--preset", default="default")
+    t.add_argument("--preset", help="named preset of the family (default: the family's default)")
     t.add_argument("--steps", type=int)
     t.add_argument("--resume", help="latest | PATH")
     t.add_argument("--text-encoder", default="minilm")
@@ -258,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ckpt-every", type=int)
     t.add_argument("--sample-every", type=int)
     t.add_argument("--framework", choices=["mlx", "torch"], default="mlx")
+    t.add_argument("--device", help="(torch) cpu | cuda | mps (default: best available)")
     t.add_argument("--log-every", type=int, default=25, help="steps between log lines when not on a terminal")
     t.set_defaults(func=cmd_train)
 
@@ -276,8 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_sample)
 
     b = sub.add_parser("bench", help="train-step throughput and peak memory")
-    b.add_argument("family", choices=["emoji"])
-    b.add_argument("--preset", default="default")
+    b.add_argument("family", choices=family_names())
+    b.add_argument("--preset", help="named preset (default: the family's default)")
     b.add_argument("--batch-size", type=int, default=32)
     b.add_argument("--steps", type=int, default=10)
     b.add_argument("--framework", choices=["mlx", "torch", "both"], default="both",
@@ -345,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        console.print("interrupted")
+        print("interrupted; checkpoints already written are intact (--resume latest continues a run)",
+              file=sys.stderr)
         return 130
 
 

@@ -156,6 +156,29 @@ def _target(ct, name: str):
 # ----------------------------------------------------------------------------- export
 
 
+def velocity_model(torch_model, prediction: str):
+    """The exported program always outputs a velocity, whatever the family predicts.
+
+    A velocity network is returned as is; any other is wrapped so its output goes through
+    mlxflow.flow.to_velocity (the same conversion training and sampling use) before tracing.
+    """
+    if prediction == "velocity":
+        return torch_model
+    import torch
+
+    from mlxflow.flow import to_velocity
+
+    class VelocityOutput(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x_t, t, text):
+            return to_velocity(prediction, self.net(x_t, t, text), x_t, t)
+
+    return VelocityOutput(torch_model).eval()
+
+
 def _convert(torch_model, *, image_size: int, channels: int, text_tokens: int, text_dim: int,
              precision: str, compress: str | None, batch_sizes: Sequence[int], deployment_target: str,
              compress_weight_threshold: int):

@@ -19,17 +19,16 @@ from pathlib import Path
 import numpy as np
 
 from mlxflow.checkpoint import Checkpoint, check_weights_fit, load_checkpoint
-from mlxflow.models import model_class
+from mlxflow.families import Family, family_of, get_family
 
 SAME, CONV, CONV_T = "same", "conv", "conv_transpose"
 
 
-def mlx_model_class(family: str):
-    return model_class(family, "mlx")
-
-
-def torch_model_class(family: str):
-    return model_class(family, "torch")
+def _family(model_config, family: str | Family | None) -> Family:
+    """The family named, or the one whose config class `model_config` is."""
+    if family is None:
+        return family_of(model_config)
+    return family if isinstance(family, Family) else get_family(family)
 
 
 def _config_key(model_config) -> tuple:
@@ -40,22 +39,24 @@ def _config_key(model_config) -> tuple:
 _TABLES: dict = {}
 
 
-def layout_table(model_config, family: str = "emoji") -> dict[str, tuple[str, tuple, tuple]]:
+def layout_table(model_config, family: str | None = None) -> dict[str, tuple[str, tuple, tuple]]:
     """key -> (kind, MLX shape, torch shape) for every parameter of the family's model.
 
     Built from one MLX model (lazy arrays, nothing computed) and one torch model on the
     meta device (no memory, no init), and cross-checked: the key sets must be equal and
     every torch shape must be the layout change of the MLX shape.
     """
-    cache_key = (family, _config_key(model_config))
+    fam = _family(model_config, family)
+    family = fam.name
+    cache_key = (family, id(fam), _config_key(model_config))
     if cache_key in _TABLES:
         return _TABLES[cache_key]
     import torch
     from mlx.utils import tree_flatten
 
-    mlx_shapes = {k: tuple(v.shape) for k, v in tree_flatten(mlx_model_class(family)(model_config).parameters())}
+    mlx_shapes = {k: tuple(v.shape) for k, v in tree_flatten(fam.build(model_config, "mlx").parameters())}
     with torch.device("meta"):
-        tmodel = torch_model_class(family)(model_config)
+        tmodel = fam.build(model_config, "torch")
     torch_shapes = {k: tuple(v.shape) for k, v in tmodel.state_dict().items()}
     if set(mlx_shapes) != set(torch_shapes):
         only_m = sorted(set(mlx_shapes) - set(torch_shapes))
@@ -102,7 +103,7 @@ def _torch_to_mlx_array(kind: str, a: np.ndarray) -> np.ndarray:
     return a.transpose(1, *range(2, n), 0)  # (I, O, *k) -> (O, *k, I)
 
 
-def mlx_to_torch(weights: dict, model_config, family: str = "emoji", where: str = "weights") -> dict:
+def mlx_to_torch(weights: dict, model_config, family: str | None = None, where: str = "weights") -> dict:
     """MLX-named, MLX-layout arrays (numpy or mx) -> a torch state_dict (CPU tensors, same dtype).
 
     Raises MlxflowError naming the first missing / unexpected / misshapen key.
@@ -115,7 +116,7 @@ def mlx_to_torch(weights: dict, model_config, family: str = "emoji", where: str 
     return {k: torch.from_numpy(np.ascontiguousarray(_mlx_to_torch_array(table[k][0], v))) for k, v in weights.items()}
 
 
-def torch_to_mlx(state_dict: dict, model_config, family: str = "emoji", where: str = "state_dict") -> dict:
+def torch_to_mlx(state_dict: dict, model_config, family: str | None = None, where: str = "state_dict") -> dict:
     """A torch state_dict (any device; numpy values pass too) -> MLX-named, MLX-layout numpy arrays (same dtype; bf16 -> fp32)."""
     import torch
 
@@ -143,7 +144,7 @@ def _pick_weights(ckpt: Checkpoint, use_ema: bool) -> dict:
 def load_torch_model(ckpt_or_path, device: str = "cpu", use_ema: bool = True):
     """-> (torch model in eval mode on `device`, Checkpoint). EMA weights when present and use_ema."""
     ckpt = _as_checkpoint(ckpt_or_path)
-    model = torch_model_class(ckpt.family)(ckpt.model_config)
+    model = get_family(ckpt.family).build(ckpt.model_config, "torch")
     state = mlx_to_torch(_pick_weights(ckpt, use_ema), ckpt.model_config, ckpt.family, where=f"checkpoint {ckpt.path}")
     model.load_state_dict(state, strict=True)
     return model.to(device).eval(), ckpt
@@ -151,6 +152,6 @@ def load_torch_model(ckpt_or_path, device: str = "cpu", use_ema: bool = True):
 
 def load_mlx_model(ckpt_or_path, use_ema: bool = True):
     """-> (MLX model with the checkpoint's weights, evaluated, Checkpoint)."""
-    from mlxflow.sample import load_model
+    from mlxflow.models import load_model
 
     return load_model(_as_checkpoint(ckpt_or_path), use_ema=use_ema)

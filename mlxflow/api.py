@@ -13,8 +13,6 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from .config import model_config as preset_model_config
-from .config import train_config as preset_train_config
 from .errors import MlxflowError
 
 DEFAULT_TEXT_ENCODER = "minilm"
@@ -55,73 +53,98 @@ def embed_dataset(data_dir, text_encoder: str = DEFAULT_TEXT_ENCODER, on_progres
     return ImageTextDataset.load(data_dir).text_embeddings(load_text_encoder(text_encoder), on_progress=on_progress)
 
 
-def train_model(family: str, data_dir, out_dir, *, preset: str = "default", steps: int | None = None,
+def train_model(family: str, data_dir, out_dir, *, preset: str | None = None, steps: int | None = None,
                 resume: str | None = None, text_encoder: str = DEFAULT_TEXT_ENCODER, model_overrides: dict | None = None,
-                train_overrides: dict | None = None, on_step=None, on_checkpoint=None, on_sample=None,
-                sample_prompts: int = 8) -> dict:
-    """Train `family` on a dataset folder. Periodic sample grids go to OUT/samples/step-*.png."""
-    from .data.dataset import ImageTextDataset
-    from .models.text import load_text_encoder
-    from .train import train
+                train_overrides: dict | None = None, framework: str = "mlx", device: str | None = None,
+                on_step=None, on_checkpoint=None, on_sample=None, on_message=None, sample_prompts: int = 8):
+    """Train `family` on a dataset folder with MLX or torch. Periodic sample grids go to OUT/samples/step-*.png.
 
-    mcfg = preset_model_config(family, preset, **(model_overrides or {}))
-    tcfg = preset_train_config(family, preset, steps=steps, **(train_overrides or {}))
+    Returns the trainer's TrainResult (checkpoint, losses, steps, interrupted, ...).
+    """
+    from .data.dataset import ImageTextDataset
+    from .families import get_family
+    from .models.text import load_text_encoder
+
+    fam = get_family(family)
+    mcfg = fam.model_config(preset, **(model_overrides or {}))
+    tcfg = fam.train_config(preset, steps=steps, **(train_overrides or {}))
     dataset = ImageTextDataset.load(data_dir)
     if resume is not None:
         # A resumed run embeds with the encoder it was trained with (only config.json is read).
-        from .checkpoint import resolve_checkpoint
+        from .checkpoint import list_checkpoints, resolve_checkpoint
 
         try:
-            config = resolve_checkpoint(Path(out_dir) if resume == "latest" else Path(resume)) / "config.json"
-            text_encoder = json.loads(config.read_text()).get("text_encoder", text_encoder)
-        except (MlxflowError, ValueError):
-            pass  # train() reports the precise problem
+            if resume != "latest" or list_checkpoints(out_dir):
+                config = resolve_checkpoint(Path(out_dir) if resume == "latest" else Path(resume)) / "config.json"
+                text_encoder = json.loads(config.read_text()).get("text_encoder", text_encoder)
+        except (MlxflowError, ValueError, OSError):
+            pass  # the trainer reports the precise problem
     embeddings = dataset.text_embeddings(load_text_encoder(text_encoder))
 
     # A fixed, spread-out set of training prompts for the periodic grids.
     picks = np.linspace(0, len(dataset) - 1, min(sample_prompts, len(dataset))).astype(int)
     samples_dir = Path(out_dir) / "samples"
 
-    def write_samples(step, ema_model):
-        grid = sample_grid(ema_model, embeddings[picks], steps=tcfg.sample_steps, cfg_scale=tcfg.sample_cfg, seed=0)
+    def write_samples(step, ema_weights, model_config):
+        from .models import load_weights_into
         from .sample import save_png
 
+        model = fam.build(model_config, "mlx")
+        load_weights_into(model, ema_weights, "EMA weights")
+        grid = sample_grid(model, embeddings[picks], steps=tcfg.sample_steps, cfg_scale=tcfg.sample_cfg, seed=0)
         path = save_png(grid, samples_dir / f"step-{step:07d}.png")
         if on_sample:
             on_sample(step, path)
 
-    return train(out_dir, dataset, mcfg, tcfg, text_encoder=text_encoder, family=family, resume=resume,
-                 embeddings=embeddings, on_step=on_step, on_checkpoint=on_checkpoint,
-                 on_sample=write_samples if sample_prompts else None)
+    kwargs = dict(family=family, text_encoder=text_encoder, resume=resume, embeddings=embeddings, on_step=on_step,
+                  on_checkpoint=on_checkpoint, on_sample=write_samples if sample_prompts else None,
+                  on_message=on_message)
+    if framework == "mlx":
+        from .train import train
+
+        return train(out_dir, dataset, mcfg, tcfg, **kwargs)
+    if framework == "torch":
+        from .train_torch import train_torch
+
+        return train_torch(out_dir, dataset, mcfg, tcfg, device=device, **kwargs)
+    raise MlxflowError(f"unknown framework '{framework}' (known: mlx, torch)")
+
+
+def decode_images(model, x) -> np.ndarray:
+    """Network-space samples (N,H,W,C) -> uint8 images through the model's family codec."""
+    from .families import family_of
+    from .sample import to_uint8
+
+    return to_uint8(family_of(model.config).get_codec().decode(x))
 
 
 def sample_grid(model, embeddings: np.ndarray, *, steps: int = 20, solver: str = "heun", cfg_scale: float = 3.0,
                 seed: int = 0, ncols: int | None = None):
-    from .sample import make_grid, sample_steps, to_uint8
+    from .sample import make_grid, sample_steps
 
     *_, (_, _, x) = sample_steps(model, mx.array(embeddings), steps=steps, solver=solver, cfg_scale=cfg_scale,
                                  seed=seed)
-    return make_grid(to_uint8(x), ncols=ncols, scale=2)
+    return make_grid(decode_images(model, x), ncols=ncols, scale=2)
 
 
 def sample(ckpt, prompts: list[str], output, *, n: int = 1, steps: int = 20, solver: str = "heun",
            cfg_scale: float = 3.0, seed: int = 0, interval=None, preview_dir=None, preview_every: int = 0,
            on_step: Callable[[int, int], None] | None = None) -> Path:
     """Generate n images per prompt into one grid PNG (a row per prompt); returns its path."""
-    from .sample import generate, make_grid, save_png, to_uint8
+    from .sample import generate, make_grid, save_png
 
     out = Path(output)
     if out.suffix.lower() != ".png":
         raise MlxflowError(f"--output must end in .png, got {out}")
-    _, _, gen = generate(ckpt, prompts, n=n, steps=steps, solver=solver, cfg_scale=cfg_scale, seed=seed,
-                         interval=interval)
+    model, _, gen = generate(ckpt, prompts, n=n, steps=steps, solver=solver, cfg_scale=cfg_scale, seed=seed,
+                             interval=interval)
     x = None
     for i, t, x in gen:
         if preview_dir and preview_every and ((i + 1) % preview_every == 0 or i + 1 == steps):
-            save_png(make_grid(to_uint8(x), ncols=n), Path(preview_dir) / f"step-{i + 1:03d}.png")
+            save_png(make_grid(decode_images(model, x), ncols=n), Path(preview_dir) / f"step-{i + 1:03d}.png")
         if on_step:
             on_step(i + 1, steps)
-    return save_png(make_grid(to_uint8(x), ncols=n, scale=2), out)
+    return save_png(make_grid(decode_images(model, x), ncols=n, scale=2), out)
 
 
 def prompt_fidelity(ckpt, data_dir, *, k: int = 16, n: int = 2, steps: int = 20, solver: str = "heun",
@@ -132,11 +155,11 @@ def prompt_fidelity(ckpt, data_dir, *, k: int = 16, n: int = 2, steps: int = 20,
     floor a trained model must beat.
     """
     from .data.dataset import ImageTextDataset
+    from .data.transforms import resize_images
     from .metrics import prompt_fidelity as fidelity
+    from .models import build_model, load_model
     from .models.text import load_text_encoder
-    from .sample import load_model, sample_steps, to_uint8
-    from .models import build_model
-    from .train import resize_images
+    from .sample import sample_steps
 
     model, ck = load_model(ckpt)
     if untrained:
@@ -150,29 +173,46 @@ def prompt_fidelity(ckpt, data_dir, *, k: int = 16, n: int = 2, steps: int = 20,
     text = mx.array(np.repeat(emb[prompts], n, axis=0))
     *_, (_, _, x) = sample_steps(model, text, steps=steps, solver=solver, cfg_scale=cfg_scale, seed=seed)
     reference = resize_images(dataset.images, ck.model_config.image_size)
-    score = fidelity(to_uint8(x), np.repeat(prompts, n), reference)
+    score = fidelity(decode_images(model, x), np.repeat(prompts, n), reference)
     return {"fidelity": float(score), "prompts": len(prompts), "samples": len(prompts) * n,
             "chance": 1.0 / len(dataset), "untrained": untrained, "step": ck.step}
 
 
-def bench_mlx(family: str, preset: str, batch_size: int = 32, steps: int = 10, warmup: int = 3,
+def bench(family: str, preset: str | None = None, batch_size: int = 32, steps: int = 10, *,
+          framework: str = "mlx", device: str | None = None, warmup: int = 3, text_dim: int = 384) -> dict:
+    """Train-step throughput on random data for one framework: img/s, peak memory, params."""
+    if framework == "mlx":
+        return bench_mlx(family, preset, batch_size, steps, warmup=warmup, text_dim=text_dim)
+    if framework == "torch":
+        from .families import get_family
+        from .train_torch import benchmark_torch
+
+        mcfg = get_family(family).model_config(preset, text_dim=text_dim)
+        return benchmark_torch(mcfg, batch_size, family=family, steps=steps, warmup=warmup, device=device)
+    raise MlxflowError(f"unknown framework '{framework}' (known: mlx, torch)")
+
+
+def bench_mlx(family: str, preset: str | None, batch_size: int = 32, steps: int = 10, warmup: int = 3,
               text_dim: int = 384) -> dict:
     """Train-step throughput of the compiled MLX step on random data: img/s and peak memory."""
     import time
 
+    from mlx.utils import tree_flatten
+
+    from .blas import blas_status
     from .config import TrainConfig
-    from .models import build_model
+    from .families import get_family
     from .train import make_optimizer, make_train_step, step_key
 
-    mcfg = preset_model_config(family, preset, text_dim=text_dim)
+    fam = get_family(family)
+    mcfg = fam.model_config(preset, text_dim=text_dim)
     tcfg = TrainConfig(batch_size=batch_size, steps=warmup + steps)
     mx.random.seed(0)
-    model, ema = build_model(family, mcfg), build_model(family, mcfg)
+    model, ema = fam.build(mcfg, "mlx"), fam.build(mcfg, "mlx")
     opt = make_optimizer(tcfg)
     opt.init(model.trainable_parameters())
-    step = make_train_step(model, ema, opt, tcfg)
-    size = mcfg.image_size
-    images = mx.random.uniform(-1, 1, (1, batch_size, size, size, 3))
+    step = make_train_step(model, ema, opt, tcfg, fam.prediction)
+    images = mx.random.uniform(-1, 1, (1, batch_size, *fam.network_shape(mcfg)))
     text = mx.random.normal((1, batch_size, mcfg.text_tokens, mcfg.text_dim))
     mx.eval(images, text, model.parameters(), ema.parameters(), opt.state)
     for i in range(warmup):
@@ -182,10 +222,6 @@ def bench_mlx(family: str, preset: str, batch_size: int = 32, steps: int = 10, w
     for i in range(steps):
         mx.eval(step(images, text, step_key(0, warmup + i)), model.state, opt.state, ema.state)
     elapsed = time.perf_counter() - tic
-    from mlx.utils import tree_flatten
-
-    from .blas import blas_status
-
     return {"framework": "mlx", "device": str(mx.default_device()), "img_per_s": batch_size * steps / elapsed,
             "peak_mem_mb": mx.get_peak_memory() / 2**20, "params": sum(v.size for _, v in tree_flatten(model.parameters())),
-            "blas": blas_status(), "batch_size": batch_size, "preset": preset}
+            "blas": blas_status(), "batch_size": batch_size, "preset": preset or fam.default_preset}

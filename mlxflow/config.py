@@ -32,7 +32,6 @@ class EmojiConfig:
     cond_dim: int = 192  # width of the time + text conditioning vector
     text_dim: int = 384  # D of the frozen text embedding (set from the encoder)
     text_tokens: int = 1  # L of the frozen text embedding
-    prediction: str = "velocity"
 
     @property
     def levels(self) -> int:
@@ -91,37 +90,25 @@ EMOJI_PRESETS: dict[str, dict] = {
                  self_attn_levels=(2, 3), cross_attn_levels=(3,), heads=8, groups=32, cond_dim=512),
 }
 
-TRAIN_PRESETS: dict[str, dict[str, dict]] = {
-    "emoji": {
-        "tiny": dict(steps=400, batch_size=16, lr=5e-3, warmup_steps=50, ema_decay=0.99, ckpt_every=200,
-                     sample_steps=20),
-        "default": dict(steps=20000, batch_size=32, lr=3e-4, warmup_steps=500, ema_decay=0.999),
-        "seed": dict(steps=60000, batch_size=32, lr=1e-4, warmup_steps=500, ema_decay=0.999),
-    },
+EMOJI_TRAIN_PRESETS: dict[str, dict] = {
+    "tiny": dict(steps=400, batch_size=16, lr=5e-3, warmup_steps=50, ema_decay=0.99, ckpt_every=200,
+                 sample_steps=20),
+    "default": dict(steps=20000, batch_size=32, lr=3e-4, warmup_steps=500, ema_decay=0.999),
+    "seed": dict(steps=60000, batch_size=32, lr=1e-4, warmup_steps=500, ema_decay=0.999),
 }
 
-MODEL_CONFIGS = {"emoji": EmojiConfig}
-MODEL_PRESETS = {"emoji": EMOJI_PRESETS}
+
+def model_config(family: str, preset: str | None = None, **overrides):
+    """The model config of a named preset of a registered family, with field overrides."""
+    from .families import get_family
+
+    return get_family(family).model_config(preset, **overrides)
 
 
-def _check_family(family: str) -> None:
-    if family not in MODEL_CONFIGS:
-        raise MlxflowError(f"unknown model family '{family}' (known: {', '.join(sorted(MODEL_CONFIGS))})")
+def train_config(family: str, preset: str | None = None, **overrides) -> TrainConfig:
+    from .families import get_family
 
-
-def model_config(family: str, preset: str = "default", **overrides):
-    """The model config of a named preset, with field overrides."""
-    _check_family(family)
-    presets = MODEL_PRESETS[family]
-    if preset not in presets:
-        raise MlxflowError(f"unknown preset '{preset}' for {family} (known: {', '.join(presets)})")
-    return MODEL_CONFIGS[family](**{**presets[preset], **overrides}).validate()
-
-
-def train_config(family: str, preset: str = "default", **overrides) -> TrainConfig:
-    _check_family(family)
-    base = TRAIN_PRESETS.get(family, {}).get(preset, {})
-    return TrainConfig(preset=preset, **{**base, **{k: v for k, v in overrides.items() if v is not None}})
+    return get_family(family).train_config(preset, **overrides)
 
 
 def to_dict(cfg) -> dict:

@@ -20,6 +20,7 @@ import numpy as np
 
 from .config import TrainConfig
 from .errors import MlxflowError
+from .flow import to_velocity
 from .solvers import guided, integrate
 
 # Why the looser tolerances:
@@ -104,12 +105,12 @@ def _torch_setup(device: str):
     return torch
 
 
-def probe_points(model_config, family: str = "emoji") -> list[str]:
-    """Names of the submodules whose outputs are compared, in execution order."""
-    if family != "emoji":
-        raise MlxflowError(f"crosscheck does not know the blocks of family '{family}'")
-    n = model_config.levels
-    return ["time_embed", "stem", *[f"down.{i}" for i in range(n)], "mid", *[f"up.{i}" for i in range(n)]]
+def probe_points(model_config, family=None) -> list[str]:
+    """Names of the submodules whose outputs are compared, in execution order (from the family entry)."""
+    from .families import family_of, get_family
+
+    fam = family_of(model_config) if family is None else get_family(family) if isinstance(family, str) else family
+    return list(fam.probe_points(model_config))
 
 
 def _mlx_submodule(model, name: str):
@@ -158,12 +159,23 @@ def _torch_taps(model, names: list[str], store: dict):
             h.remove()
 
 
+def _network_shape(model_config) -> tuple[int, int, int]:
+    from .families import family_of
+
+    return family_of(model_config).network_shape(model_config)
+
+
+def _prediction(model_config) -> str:
+    from .families import family_of
+
+    return family_of(model_config).prediction
+
+
 def make_inputs(model_config, batch: int, seed: int) -> dict[str, np.ndarray]:
     """numpy inputs in MLX layout: x (B,H,W,C) noise-like, t (B,) in (0,1), text (B,L,D)."""
     rng = np.random.default_rng(seed)
-    s, c = model_config.image_size, model_config.in_channels
     return {
-        "x": rng.standard_normal((batch, s, s, c)).astype(np.float32),
+        "x": rng.standard_normal((batch, *_network_shape(model_config))).astype(np.float32),
         "t": rng.uniform(0.02, 0.98, size=batch).astype(np.float32),
         "text": rng.standard_normal((batch, model_config.text_tokens, model_config.text_dim)).astype(np.float32),
     }
@@ -171,14 +183,13 @@ def make_inputs(model_config, batch: int, seed: int) -> dict[str, np.ndarray]:
 
 # --- the three comparisons ----------------------------------------------------------
 
-def compare_forward(mlx_model, torch_model, inputs: dict, *, tol: float, device: str = "cpu",
-                    family: str = "emoji") -> list[Row]:
+def compare_forward(mlx_model, torch_model, inputs: dict, *, tol: float, device: str = "cpu") -> list[Row]:
     """Per-block rows (held to rel_err <= tol: activations grow through the net) and the final
     output (held to max_abs <= tol)."""
     import mlx.core as mx
 
     torch = _torch_setup(device)
-    names = probe_points(mlx_model.config, family)
+    names = probe_points(mlx_model.config)
     m_store, t_store = {}, {}
     with _mlx_taps(mlx_model, names, m_store):
         out_m = mlx_model(mx.array(inputs["x"]), mx.array(inputs["t"]), mx.array(inputs["text"]))
@@ -199,9 +210,11 @@ def compare_trajectory(mlx_model, torch_model, model_config, *, batch: int, step
     torch = _torch_setup(device)
     inp = make_inputs(model_config, batch, seed + 1)
     uncond = np.zeros_like(inp["text"])  # the unconditional branch is the zeroed embedding
+    prediction = _prediction(model_config)  # both sides turn the output into a velocity the same way
 
     def mlx_fn(x, t, text):
-        return mlx_model(x, mx.full((x.shape[0],), t, dtype=mx.float32), text)
+        tt = mx.full((x.shape[0],), t, dtype=mx.float32)
+        return to_velocity(prediction, mlx_model(x, tt, text), x, tt)
 
     x = mx.array(inp["x"])
     for _, _, x in integrate(guided(mlx_fn, mx.array(inp["text"]), mx.array(uncond), cfg_scale), x, steps, solver):
@@ -209,7 +222,8 @@ def compare_trajectory(mlx_model, torch_model, model_config, *, batch: int, step
     final_m = np.array(x)
 
     def torch_fn(x, t, text):
-        return torch_model(x, torch.full((x.shape[0],), t, dtype=torch.float32, device=device), text)
+        tt = torch.full((x.shape[0],), t, dtype=torch.float32, device=device)
+        return to_velocity(prediction, torch_model(x, tt, text), x, tt)
 
     def tt(a):
         return torch.from_numpy(a).to(device)
@@ -222,47 +236,20 @@ def compare_trajectory(mlx_model, torch_model, model_config, *, batch: int, step
                    TRAJ_FACTOR * tol)
 
 
-def _mlx_loss_fn():
-    try:
-        from .train import flow_matching_loss
-    except ImportError:  # the trainer is not there (yet): the same one-line velocity MSE
-        import mlx.core as mx
-
-        def flow_matching_loss(model, x1, x0, t, text):
-            tt = t[:, None, None, None]
-            return mx.mean(mx.square(model((1 - tt) * x0 + tt * x1, t, text) - (x1 - x0)))
-    return flow_matching_loss
-
-
-def _torch_loss_fn():
-    try:
-        from .torch_ref.train import flow_matching_loss
-    except ImportError:  # the torch trainer is not there (yet): the same one-line velocity MSE
-        import torch
-
-        def flow_matching_loss(model, x1, x0, t, text):
-            tt = t[:, None, None, None]
-            return torch.mean(torch.square(model((1 - tt) * x0 + tt * x1, t, text) - (x1 - x0)))
-    return flow_matching_loss
-
-
 def _mlx_adamw_step(model, grads: dict, cfg: TrainConfig):
     """Clip + one AdamW step on `model` with `grads` (flat MLX-named dict); returns (new flat
-    weights as numpy, grad norm) and leaves the model's weights as they were."""
+    weights as numpy, grad norm) and leaves the model's weights as they were. The optimizer
+    is the MLX trainer's own (train.make_optimizer) at the config's peak lr."""
     import mlx.core as mx
     import mlx.optimizers as optim
     from mlx.utils import tree_flatten, tree_unflatten
 
+    from .train import make_optimizer
+
     saved = model.parameters()
     tree = tree_unflatten([(k, mx.array(v)) for k, v in grads.items()])
-    if cfg.grad_clip > 0:
-        tree, norm = optim.clip_grad_norm(tree, float(cfg.grad_clip))
-    else:
-        norm = mx.sqrt(sum(mx.sum(mx.square(g)) for _, g in tree_flatten(tree)))
-    # bias_correction=True is torch's Adam; MLX's default (False) skips it. Both AdamWs
-    # decay decoupled: w <- w (1 - lr wd) before the Adam update.
-    opt = optim.AdamW(learning_rate=float(cfg.lr), betas=[float(b) for b in cfg.betas], eps=1e-8,
-                      weight_decay=float(cfg.weight_decay), bias_correction=True)
+    tree, norm = optim.clip_grad_norm(tree, float(cfg.grad_clip) if cfg.grad_clip > 0 else float("inf"))
+    opt = make_optimizer(cfg, lr=float(cfg.lr))
     opt.update(model, tree)
     mx.eval(model.parameters(), norm)
     after = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
@@ -271,19 +258,18 @@ def _mlx_adamw_step(model, grads: dict, cfg: TrainConfig):
 
 
 def _torch_adamw_step(model, grads: dict, cfg: TrainConfig):
-    """The torch twin of _mlx_adamw_step: grads are torch-named, torch-layout tensors."""
+    """The torch twin of _mlx_adamw_step (train_torch.make_optimizer); grads are torch-named, torch-layout."""
     import torch
+
+    from .train_torch import make_optimizer
 
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     params = dict(model.named_parameters())
     for k, p in params.items():
         p.grad = grads[k].clone()
-    if cfg.grad_clip > 0:
-        norm = torch.nn.utils.clip_grad_norm_(list(params.values()), float(cfg.grad_clip))
-    else:
-        norm = torch.sqrt(sum(torch.sum(g * g) for g in grads.values()))
-    opt = torch.optim.AdamW(list(params.values()), lr=float(cfg.lr), betas=tuple(float(b) for b in cfg.betas),
-                            eps=1e-8, weight_decay=float(cfg.weight_decay))
+    norm = torch.nn.utils.clip_grad_norm_(list(params.values()),
+                                          float(cfg.grad_clip) if cfg.grad_clip > 0 else float("inf"))
+    opt = make_optimizer(list(params.values()), cfg, lr=float(cfg.lr))
     opt.step()
     after = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(saved)
@@ -293,7 +279,7 @@ def _torch_adamw_step(model, grads: dict, cfg: TrainConfig):
 
 
 def compare_train_step(mlx_model, torch_model, model_config, train_config: TrainConfig, *, batch: int, seed: int,
-                       tol: float, device: str = "cpu", family: str = "emoji") -> list[Row]:
+                       tol: float, device: str = "cpu") -> list[Row]:
     """One training step (velocity MSE, clip, AdamW) on the same batch from the same weights.
 
     Rows: loss, gradient norm, gradients, the optimizer alone (both AdamWs fed the SAME
@@ -307,11 +293,14 @@ def compare_train_step(mlx_model, torch_model, model_config, train_config: Train
 
     from convert.torch_mlx import torch_to_mlx
 
+    from .train import flow_matching_loss as mlx_loss
+    from .train_torch import flow_matching_loss as torch_loss
+
     torch = _torch_setup(device)
     rng = np.random.default_rng(seed + 2)
-    s, c = model_config.image_size, model_config.in_channels
-    x1 = np.tanh(rng.standard_normal((batch, s, s, c))).astype(np.float32)  # image-like, in (-1, 1)
-    x0 = rng.standard_normal((batch, s, s, c)).astype(np.float32)
+    shape, prediction = (batch, *_network_shape(model_config)), _prediction(model_config)
+    x1 = np.tanh(rng.standard_normal(shape)).astype(np.float32)  # image-like, in (-1, 1)
+    x0 = rng.standard_normal(shape).astype(np.float32)
     t = rng.uniform(0.0, 1.0, size=batch).astype(np.float32)
     text = rng.standard_normal((batch, model_config.text_tokens, model_config.text_dim)).astype(np.float32)
     if batch > 1:
@@ -320,8 +309,7 @@ def compare_train_step(mlx_model, torch_model, model_config, train_config: Train
 
     # Loss and gradients on each side.
     before = {k: np.array(v) for k, v in tree_flatten(mlx_model.parameters())}
-    mlx_loss = _mlx_loss_fn()
-    value_and_grad = mnn.value_and_grad(mlx_model, lambda *a: mlx_loss(mlx_model, *a))
+    value_and_grad = mnn.value_and_grad(mlx_model, lambda *a: mlx_loss(mlx_model, *a, prediction))
     loss_m, grads_m = value_and_grad(mx.array(x1), mx.array(x0), mx.array(t), mx.array(text))
     mx.eval(loss_m, grads_m)
     g_m = {k: np.array(v) for k, v in tree_flatten(grads_m)}
@@ -333,18 +321,18 @@ def compare_train_step(mlx_model, torch_model, model_config, train_config: Train
     def tt(a, image=False):
         return torch.from_numpy(_nchw(a) if image else a).to(device)
 
-    loss_t = _torch_loss_fn()(torch_model, tt(x1, True), tt(x0, True), tt(t), tt(text))
+    loss_t = torch_loss(torch_model, tt(x1, True), tt(x0, True), tt(t), tt(text), prediction)
     loss_t.backward()
     grads_t = {k: p.grad.detach().clone() for k, p in torch_model.named_parameters()}
     torch_model.zero_grad(set_to_none=True)
     torch_model.train(was_training)
-    g_t = torch_to_mlx(grads_t, model_config, family)
+    g_t = torch_to_mlx(grads_t, model_config)
 
     # Optimizer steps: each side with its own gradients, and MLX with torch's gradients.
     after_m, norm_m = _mlx_adamw_step(mlx_model, g_m, train_config)
     after_m_tg, _ = _mlx_adamw_step(mlx_model, g_t, train_config)
     after_t, norm_t = _torch_adamw_step(torch_model, grads_t, train_config)
-    w_t = torch_to_mlx(after_t, model_config, family)
+    w_t = torch_to_mlx(after_t, model_config)
 
     keys = sorted(before)
     flat = lambda d: np.concatenate([d[k].ravel() for k in keys])  # noqa: E731
@@ -371,19 +359,18 @@ def compare_train_step(mlx_model, torch_model, model_config, train_config: Train
 
 def crosscheck_models(mlx_model, torch_model, model_config, *, train_config: TrainConfig | None = None,
                       batch: int = 2, steps: int = 8, solver: str = "heun", cfg_scale: float = 3.0, seed: int = 0,
-                      tol: float = 1e-4, device: str = "cpu", train_step: bool = True,
-                      family: str = "emoji") -> Report:
+                      tol: float = 1e-4, device: str = "cpu", train_step: bool = True) -> Report:
     """Cross-check two already-loaded models (the function-level entry tests use)."""
     report = Report(info={"device": device, "batch": batch, "steps": steps, "solver": solver,
                           "cfg_scale": cfg_scale, "seed": seed, "tol": tol})
     inputs = make_inputs(model_config, batch, seed)
-    report.rows += compare_forward(mlx_model, torch_model, inputs, tol=tol, device=device, family=family)
+    report.rows += compare_forward(mlx_model, torch_model, inputs, tol=tol, device=device)
     if steps > 0:
         report.rows.append(compare_trajectory(mlx_model, torch_model, model_config, batch=batch, steps=steps,
                                               solver=solver, cfg_scale=cfg_scale, seed=seed, tol=tol, device=device))
     if train_step:
         report.rows += compare_train_step(mlx_model, torch_model, model_config, train_config or TrainConfig(),
-                                          batch=batch, seed=seed, tol=tol, device=device, family=family)
+                                          batch=batch, seed=seed, tol=tol, device=device)
     return report
 
 
@@ -403,7 +390,7 @@ def crosscheck(ckpt_path, *, batch: int = 2, steps: int = 8, solver: str = "heun
     torch_model, _ = load_torch_model(ckpt, device=device, use_ema=use_ema)
     report = crosscheck_models(mlx_model, torch_model, ckpt.model_config, train_config=train_config or ckpt.train_config,
                                batch=batch, steps=steps, solver=solver, cfg_scale=cfg_scale, seed=seed, tol=tol,
-                               device=device, train_step=train_step, family=ckpt.family)
+                               device=device, train_step=train_step)
     report.info["checkpoint"] = str(ckpt.path)
     return report
 

@@ -16,29 +16,29 @@ from pathlib import Path
 
 from .errors import MlxflowError
 
-SUPPORTED_FAMILIES = ("emoji",)
-
 
 def export_coreml(ckpt, out_dir, *, precision: str = "fp16", compress: str | None = None,
                   batch_sizes=(1, 2), min_psnr: float = 35.0, data=None, text_encoder: bool = True,
                   deployment_target: str = "iOS17") -> dict:
     """Export, verify (PSNR gate) and write the app bundle; returns a flat report dict."""
-    from convert.coreml import SOLVER_ADVICE, TIME_CONVENTION, export_and_verify, export_label_table
+    from convert.coreml import SOLVER_ADVICE, TIME_CONVENTION, export_and_verify, export_label_table, velocity_model
     from convert.torch_mlx import load_torch_model
 
     from .checkpoint import load_checkpoint
+    from .families import family_names, get_family
 
     ck = load_checkpoint(ckpt)
-    if ck.family not in SUPPORTED_FAMILIES:
-        raise MlxflowError(f"Core ML export supports the {', '.join(SUPPORTED_FAMILIES)} family, "
-                           f"not '{ck.family}'")
+    fam = get_family(ck.family)
+    if not fam.coreml:
+        supported = [f for f in family_names() if get_family(f).coreml]
+        raise MlxflowError(f"Core ML export supports the {', '.join(supported)} family, not '{ck.family}'")
     torch_model, ck = load_torch_model(ck, device="cpu", use_ema=True)
     cfg = ck.model_config
     out_dir = Path(out_dir)
     metadata = {"family": ck.family, "preset": ck.train_config.preset, "train_steps": ck.step,
                 "text_encoder": ck.text_encoder, "time_convention": TIME_CONVENTION, "solver_advice": SOLVER_ADVICE,
-                "image_size": cfg.image_size, "prediction": cfg.prediction}
-    report = export_and_verify(torch_model, out_path=out_dir / "EmojiDenoiser.mlpackage", image_size=cfg.image_size,
+                "image_size": cfg.image_size, "prediction": fam.prediction}
+    report = export_and_verify(velocity_model(torch_model, fam.prediction), out_path=out_dir / "EmojiDenoiser.mlpackage", image_size=cfg.image_size,
                                channels=cfg.in_channels, text_tokens=cfg.text_tokens, text_dim=cfg.text_dim,
                                precision=precision, compress=compress, batch_sizes=tuple(batch_sizes),
                                metadata=metadata, psnr_gate=min_psnr, deployment_target=deployment_target)

@@ -64,6 +64,20 @@ def x_to_velocity(x_pred, x_t, t, t_eps: float = 0.05):
     return (x_pred - x_t) / one_minus_t
 
 
+def to_velocity(prediction: str, output, x_t, t, t_eps: float = 0.05):
+    """A network's output as a velocity, whatever the family predicts.
+
+    The one conversion everyone uses (losses, samplers, crosscheck, Core ML wrapper):
+    "velocity" passes through, "x" (a clean-image prediction, JiT) goes through
+    x_to_velocity. t is (B,) or a scalar.
+    """
+    if prediction == "velocity":
+        return output
+    if prediction == "x":
+        return x_to_velocity(output, x_t, t, t_eps)
+    raise MlxflowError(f"unknown prediction '{prediction}' (known: velocity, x)")
+
+
 def velocity_to_x(v, x_t, t):
     """Velocity -> clean image: x1 = x_t + (1 - t) v."""
     return x_t + _expand(1 - t, x_t) * v

@@ -14,22 +14,29 @@ import numpy as np
 from PIL import Image
 
 from .errors import MlxflowError
+from .flow import to_velocity
+from .models import load_model
 from .solvers import EVALS_PER_STEP, guided, integrate
 
 
 def sample_steps(model, text: mx.array, *, steps: int = 20, solver: str = "heun", cfg_scale: float = 1.0,
                  seed: int = 0, interval: tuple[float, float] | None = None, shift: float = 1.0,
-                 noise: mx.array | None = None) -> Iterator[tuple[int, float, mx.array]]:
-    """Integrate from noise to images for a batch of text embeddings (N,L,D).
+                 noise: mx.array | None = None, family=None) -> Iterator[tuple[int, float, mx.array]]:
+    """Integrate from noise to the network's space for a batch of text embeddings (N,L,D).
 
-    The unconditional branch for CFG is the zero embedding (what condition dropout trains).
-    Yields (i, t, x) with x (N,H,W,C) evaluated.
+    The network's output becomes a velocity through flow.to_velocity, as its family says
+    (`family` defaults to the registered family of `model.config`). The unconditional
+    branch for CFG is the zero embedding (what condition dropout trains).
+    Yields (i, t, x) with x (N,H,W,C) evaluated, in the network's space (decode with the
+    family's codec for images).
     """
-    cfg = model.config
+    from .families import family_of
+
+    fam = family or family_of(model.config)
     n = text.shape[0]
     if noise is None:
-        noise = mx.random.normal((n, cfg.image_size, cfg.image_size, cfg.in_channels), key=mx.random.key(seed))
-    forward = mx.compile(lambda x, t, c: model(x, t, c))
+        noise = mx.random.normal((n, *fam.network_shape(model.config)), key=mx.random.key(seed))
+    forward = mx.compile(lambda x, t, c: to_velocity(fam.prediction, model(x, t, c), x, t))
 
     def model_fn(x, t: float, c):
         return forward(x, mx.full((x.shape[0],), t, dtype=mx.float32), c)
@@ -69,19 +76,6 @@ def save_png(img: Image.Image, path) -> Path:
     img.save(tmp, format="PNG")
     tmp.replace(path)
     return path
-
-
-def load_model(ckpt_or_path, use_ema: bool = True):
-    """(model, checkpoint) for sampling: EMA weights when the checkpoint has them."""
-    from .checkpoint import Checkpoint, load_checkpoint
-    from .models import build_model
-    from .train import load_weights_into
-
-    ckpt = ckpt_or_path if isinstance(ckpt_or_path, Checkpoint) else load_checkpoint(ckpt_or_path)
-    model = build_model(ckpt.family, ckpt.model_config)
-    load_weights_into(model, ckpt.inference_weights() if use_ema else ckpt.weights, f"checkpoint {ckpt.path}")
-    mx.eval(model.parameters())
-    return model, ckpt
 
 
 def embed_prompts(prompts: list[str], encoder_spec: str) -> np.ndarray:

@@ -11,13 +11,13 @@ def run_rank(rank: int, world: int, port: int, run_dir: str, data_dir: str, emb_
     import torch
 
     from conftest import micro_emoji_config, quick_train_config
-    from mlxflow.torch_ref.train import train_torch
+    from mlxflow.train_torch import train_torch
 
     torch.set_num_threads(1)  # two ranks share two cores
     # What torchrun would set; train_torch reads it and joins a gloo group.
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))
-    out = train_torch(run_dir, data_dir, micro_emoji_config(**model_kwargs), quick_train_config(**cfg_kwargs),
+    out = train_torch(run_dir, data_dir, micro_emoji_config(**model_kwargs), quick_train_config(**cfg_kwargs), family="emoji",
                       embeddings=np.load(emb_path))
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(
         {"digest": out["digest"], "losses": out["losses"], "world_size": out["world_size"]}))

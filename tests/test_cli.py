@@ -77,7 +77,7 @@ def test_train_sample_round_trip(capsys, tmp_path, monkeypatch):
     monkeypatch.setitem(text._CACHE, "fake", caption_code_encoder("fake", ds.captions, emb))
     micro = {k: v for k, v in vars(micro_emoji_config()).items() if k not in ("text_dim", "text_tokens")}
     monkeypatch.setitem(config.EMOJI_PRESETS, "micro", micro)
-    monkeypatch.setitem(config.TRAIN_PRESETS["emoji"], "micro", dict(batch_size=8, lr=2e-3, warmup_steps=2))
+    monkeypatch.setitem(config.EMOJI_TRAIN_PRESETS, "micro", dict(batch_size=8, lr=2e-3, warmup_steps=2))
     code, out, err = run(capsys, "train", "emoji", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "r"),
                          "--preset", "micro", "--steps", "4", "--text-encoder", "fake", "--ckpt-every", "2")
     assert code == 0, err

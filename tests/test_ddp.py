@@ -17,7 +17,7 @@ if not dist.is_available() or not dist.is_gloo_available():
 
 from mlxflow.checkpoint import load_checkpoint  # noqa: E402
 from mlxflow.errors import MlxflowError  # noqa: E402
-from mlxflow.torch_ref.train import train_torch  # noqa: E402
+from mlxflow.train_torch import train_torch  # noqa: E402
 
 from conftest import make_shapes_dataset, micro_emoji_config, quick_train_config  # noqa: E402
 
@@ -47,7 +47,7 @@ def test_two_ranks_match_single_process(tmp_path):
     assert r0["world_size"] == 2 and r0["digest"] == r1["digest"] and r0["losses"] == r1["losses"]
 
     torch.set_num_threads(1)
-    single = train_torch(tmp_path / "single", ds, micro_emoji_config(), quick_train_config(**cfg), embeddings=emb)
+    single = train_torch(tmp_path / "single", ds, micro_emoji_config(), quick_train_config(**cfg), family="emoji", embeddings=emb)
     # Same data, same noise (drawn for the global batch, then sliced), same start weights.
     # Not bitwise: a rank's loss is a mean over 4 rows and gloo averages two such gradients,
     # where one process sums 8 rows in one reduction. That float re-association gives
@@ -83,11 +83,11 @@ def test_two_ranks_match_single_process(tmp_path):
 
 
 def test_torchrun_entry_point(tmp_path):
-    """The documented command: torchrun --nproc_per_node 2 -m mlxflow.torch_ref.train ..."""
+    """The documented command: torchrun --nproc_per_node 2 -m mlxflow.train_torch ..."""
     _, emb = make_shapes_dataset(tmp_path / "data", size=32)
     np.save(tmp_path / "emb.npy", emb)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "mlxflow.torch_ref.train", "--data", str(tmp_path / "data"),
+           "--master_port", str(free_port()), "-m", "mlxflow.train_torch", "--data", str(tmp_path / "data"),
            "--preset", "tiny", "--steps", "2", "--batch-size", "4", "--ckpt-every", "0",
            "--embeddings", str(tmp_path / "emb.npy"), "--out", str(tmp_path / "run")]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
@@ -102,8 +102,8 @@ def test_batch_must_split_across_ranks(tmp_path, monkeypatch):
     ds, emb = make_shapes_dataset(tmp_path / "data")
     # A 1-rank "world" of 3 would need a real group; check the message on a fake world size
     # without joining one by patching the setup to report 3 ranks.
-    import mlxflow.torch_ref.train as tt
+    import mlxflow.train_torch as tt
 
     monkeypatch.setattr(tt, "_setup_distributed", lambda device: (0, 3, torch.device("cpu"), False))
     with pytest.raises(MlxflowError, match="batch_size 8 must be divisible by the number of processes \\(3\\)"):
-        train_torch(tmp_path / "run", ds, micro_emoji_config(), quick_train_config(), embeddings=emb)
+        train_torch(tmp_path / "run", ds, micro_emoji_config(), quick_train_config(), family="emoji", embeddings=emb)

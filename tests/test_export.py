@@ -27,7 +27,7 @@ def trained(tmp_path_factory):
 
     text._CACHE["shapes"] = caption_code_encoder("shapes", ds.captions, emb)
     out = train(root / "run", ds, micro_emoji_config(), quick_train_config(steps=4, weight_decay=0.01),
-                text_encoder="shapes", embeddings=emb)
+                family="emoji", text_encoder="shapes", embeddings=emb)
     yield root, out["checkpoint"]
     text._CACHE.pop("shapes")
 
@@ -40,10 +40,10 @@ def test_crosscheck_on_mlx_trained_checkpoint(trained):
 
 def test_crosscheck_on_torch_trained_checkpoint(tmp_path):
     from conftest import make_shapes_dataset
-    from mlxflow.torch_ref.train import train_torch
+    from mlxflow.train_torch import train_torch
 
     ds, emb = make_shapes_dataset(tmp_path / "data", n=16)
-    out = train_torch(tmp_path / "run", ds, micro_emoji_config(), quick_train_config(steps=3), "minilm",
+    out = train_torch(tmp_path / "run", ds, micro_emoji_config(), quick_train_config(steps=3), family="emoji",
                       embeddings=emb)
     assert crosscheck(out["checkpoint"], batch=2, steps=4).passed
 

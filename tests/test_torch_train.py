@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 
 from mlxflow.checkpoint import list_checkpoints, load_checkpoint  # noqa: E402
 from mlxflow.errors import MlxflowError  # noqa: E402
-from mlxflow.torch_ref.train import benchmark_torch, flow_matching_loss, train_torch  # noqa: E402
+from mlxflow.train_torch import benchmark_torch, flow_matching_loss, train_torch  # noqa: E402
 
 from conftest import quick_train_config  # noqa: E402
 
@@ -40,11 +40,15 @@ def test_loss_falls_on_tiny_data(tmp_path, shapes_dataset, micro_config):
     ds, emb = shapes_dataset
     seen = []
     cfg = quick_train_config(steps=40, lr=3e-3, warmup_steps=5, ckpt_every=0)
-    out = train_torch(tmp_path / "run", ds, micro_config, cfg, embeddings=emb,
-                      on_step=lambda step, m: seen.append((step, m)))
+    out = train_torch(tmp_path / "run", ds, micro_config, cfg, family="emoji", embeddings=emb,
+                      on_step=seen.append)
     losses = out["losses"]
-    assert len(losses) == 40 and [s for s, _ in seen] == list(range(1, 41))
-    assert set(seen[0][1]) >= {"loss", "lr", "img_per_s"}
+    # The same StepInfo the MLX trainer reports, after every step, with the shared schedule's lr.
+    from mlxflow.schedule import lr_at
+
+    assert len(losses) == 40 and [s.step for s in seen] == list(range(1, 41)) and seen[-1].total == 40
+    assert [s.loss for s in seen] == losses and all(s.img_per_s > 0 and s.grad_norm > 0 for s in seen)
+    assert [s.lr for s in seen] == [lr_at(i, cfg) for i in range(40)]
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), (losses[:5], losses[-5:])
     ckpt = load_checkpoint(tmp_path / "run")
     assert ckpt.step == 40 and ckpt.ema is not None and ckpt.meta["framework"] == "torch"
@@ -54,9 +58,9 @@ def test_resume_is_exact_and_mlx_reads_the_checkpoint(tmp_path, shapes_dataset, 
     ds, emb = shapes_dataset
     # grad_accum=2 so the data position (batches consumed) is not simply the step.
     cfg = lambda steps: quick_train_config(steps=steps, grad_accum=2)  # noqa: E731
-    full = train_torch(tmp_path / "full", ds, micro_config, cfg(6), embeddings=emb)
-    first = train_torch(tmp_path / "split", ds, micro_config, cfg(3), embeddings=emb)
-    rest = train_torch(tmp_path / "split", ds, micro_config, cfg(6), embeddings=emb, resume="latest")
+    full = train_torch(tmp_path / "full", ds, micro_config, cfg(6), family="emoji", embeddings=emb)
+    first = train_torch(tmp_path / "split", ds, micro_config, cfg(3), family="emoji", embeddings=emb)
+    rest = train_torch(tmp_path / "split", ds, micro_config, cfg(6), family="emoji", embeddings=emb, resume="latest")
     # Bitwise on CPU: same weights, same optimizer state, same data position, same draws.
     assert first["losses"] + rest["losses"] == full["losses"]
     a, b = load_checkpoint(tmp_path / "full", with_optimizer=True), load_checkpoint(tmp_path / "split", with_optimizer=True)
@@ -95,9 +99,9 @@ def test_mlx_and_torch_resume_each_other(tmp_path, shapes_dataset, micro_config)
 
     ds, emb = shapes_dataset
     run = tmp_path / "run"
-    first = train_torch(run, ds, micro_config, quick_train_config(steps=3), embeddings=emb)
-    mid = train(run, ds, micro_config, quick_train_config(steps=5), embeddings=emb, resume="latest")
-    last = train_torch(run, ds, micro_config, quick_train_config(steps=7), embeddings=emb, resume="latest")
+    first = train_torch(run, ds, micro_config, quick_train_config(steps=3), family="emoji", embeddings=emb)
+    mid = train(run, ds, micro_config, quick_train_config(steps=5), family="emoji", embeddings=emb, resume="latest")
+    last = train_torch(run, ds, micro_config, quick_train_config(steps=7), family="emoji", embeddings=emb, resume="latest")
     losses = first["losses"] + mid["losses"] + last["losses"]
     assert len(losses) == 7 and all(np.isfinite(losses))
     # Resumed optimizer state (not a fresh one with a warmup-less lr) keeps the loss going down.
@@ -108,12 +112,12 @@ def test_mlx_and_torch_resume_each_other(tmp_path, shapes_dataset, micro_config)
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, shapes_dataset, micro_config):
     ds, emb = shapes_dataset
-    train_torch(tmp_path / "run", ds, micro_config, quick_train_config(steps=3), embeddings=emb)
+    train_torch(tmp_path / "run", ds, micro_config, quick_train_config(steps=3), family="emoji", embeddings=emb)
     good = list_checkpoints(tmp_path / "run")[-1]
     before = {f.name: f.read_bytes() for f in good.iterdir()}
     bad = np.full_like(emb, np.nan)
     with pytest.raises(MlxflowError, match=r"loss became nan at step 4; .*last good checkpoint: .*step-0000003"):
-        train_torch(tmp_path / "run", ds, micro_config, quick_train_config(steps=6), embeddings=bad, resume="latest")
+        train_torch(tmp_path / "run", ds, micro_config, quick_train_config(steps=6), family="emoji", embeddings=bad, resume="latest")
     assert list_checkpoints(tmp_path / "run") == [good]
     assert {f.name: f.read_bytes() for f in good.iterdir()} == before
     assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]  # no temp folders left
@@ -121,27 +125,34 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, shapes_dataset,
 
 def test_bf16_autocast_trains_with_fp32_master_weights(tmp_path, shapes_dataset, micro_config):
     ds, emb = shapes_dataset
-    out = train_torch(tmp_path / "bf", ds, micro_config, quick_train_config(steps=3, bf16=True), embeddings=emb)
+    out = train_torch(tmp_path / "bf", ds, micro_config, quick_train_config(steps=3, bf16=True), family="emoji", embeddings=emb)
     assert all(np.isfinite(out["losses"]))
     assert load_checkpoint(out["checkpoint"]).weights["stem.weight"].dtype == np.float32
 
 
 def test_user_errors_are_one_line(tmp_path, shapes_dataset, micro_config):
     ds, emb = shapes_dataset
-    with pytest.raises(MlxflowError, match="no checkpoint"):
-        train_torch(tmp_path / "empty", ds, micro_config, quick_train_config(), embeddings=emb, resume="latest")
+    # --resume latest on a run killed before its first save starts fresh, and says so.
+    said = []
+    out = train_torch(tmp_path / "empty", ds, micro_config, quick_train_config(steps=2), family="emoji",
+                      embeddings=emb, resume="latest", on_message=said.append)
+    assert out["start_step"] == 0 and out["steps"] == 2
+    assert said == [f"--resume latest: {tmp_path / 'empty'} has no checkpoint yet, starting from step 0"]
+    # A fresh run never trains over another run's checkpoints.
+    with pytest.raises(MlxflowError, match=r"already holds checkpoints \(newest: step-0000002\); pass --resume latest"):
+        train_torch(tmp_path / "empty", ds, micro_config, quick_train_config(steps=4), family="emoji", embeddings=emb)
     with pytest.raises(MlxflowError, match="fewer than the batch size"):
-        train_torch(tmp_path / "big", ds, micro_config, quick_train_config(batch_size=64), embeddings=emb)
+        train_torch(tmp_path / "big", ds, micro_config, quick_train_config(batch_size=64), family="emoji", embeddings=emb)
 
 
 def test_state_json_records_position_and_loss(tmp_path, shapes_dataset, micro_config):
     ds, emb = shapes_dataset
-    out = train_torch(tmp_path / "run", ds, micro_config, quick_train_config(steps=2, ckpt_every=0), embeddings=emb)
+    out = train_torch(tmp_path / "run", ds, micro_config, quick_train_config(steps=2, ckpt_every=0), family="emoji", embeddings=emb)
     state = json.loads((out["checkpoint"] / "state.json").read_text())
     assert state["step"] == 2 and state["batches_consumed"] == 2 and state["loss"] == out["losses"][-1]
 
 
 def test_benchmark_reports_throughput(micro_config):
-    r = benchmark_torch(micro_config, batch_size=4, steps=2, warmup=1)
+    r = benchmark_torch(micro_config, batch_size=4, family="emoji", steps=2, warmup=1)
     assert r["img_per_s"] > 0 and r["params"] > 0 and r["device"] == "cpu"
     assert r["peak_mem_kind"] == "process_max_rss" and r["peak_mem_mb"] > 0

@@ -136,4 +136,15 @@ def test_torch_twin_traces_and_runs_on_default_device():
     with torch.no_grad():
         traced = torch.jit.trace(model, (x, t, text), check_trace=False)
         torch.testing.assert_close(traced(x, t, text), model(x, t, text), rtol=0, atol=1e-6)
-    assert default_device() in ("cuda", "mps", "cpu")
+
+
+
+def test_default_device_prefers_cuda_then_mps(monkeypatch):
+    mps = torch.backends.mps
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(mps, "is_available", lambda: True)
+    assert default_device() == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_device() == "mps"
+    monkeypatch.setattr(mps, "is_available", lambda: False)
+    assert default_device() == "cpu"

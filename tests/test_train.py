@@ -15,7 +15,7 @@ from conftest import quick_train_config
 def test_loss_falls_on_tiny_data(tmp_path, shapes_dataset, micro_config):
     ds, emb = shapes_dataset
     cfg = quick_train_config(steps=60, lr=3e-3, warmup_steps=5, ckpt_every=0)
-    out = train(tmp_path / "run", ds, micro_config, cfg, embeddings=emb)
+    out = train(tmp_path / "run", ds, micro_config, cfg, family="emoji", embeddings=emb)
     losses = out["losses"]
     assert len(losses) == 60
     assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:5])
@@ -25,9 +25,9 @@ def test_loss_falls_on_tiny_data(tmp_path, shapes_dataset, micro_config):
 
 def test_resume_is_exact(tmp_path, shapes_dataset, micro_config):
     ds, emb = shapes_dataset
-    full = train(tmp_path / "full", ds, micro_config, quick_train_config(steps=6), embeddings=emb)["losses"]
-    first = train(tmp_path / "split", ds, micro_config, quick_train_config(steps=3), embeddings=emb)["losses"]
-    rest = train(tmp_path / "split", ds, micro_config, quick_train_config(steps=6), embeddings=emb,
+    full = train(tmp_path / "full", ds, micro_config, quick_train_config(steps=6), family="emoji", embeddings=emb)["losses"]
+    first = train(tmp_path / "split", ds, micro_config, quick_train_config(steps=3), family="emoji", embeddings=emb)["losses"]
+    rest = train(tmp_path / "split", ds, micro_config, quick_train_config(steps=6), family="emoji", embeddings=emb,
                  resume="latest")["losses"]
     assert first + rest == full  # bitwise on CPU
     a = load_checkpoint(tmp_path / "full").weights
@@ -37,7 +37,7 @@ def test_resume_is_exact(tmp_path, shapes_dataset, micro_config):
 
 def test_grad_accumulation_matches_effective_batch_shape(tmp_path, shapes_dataset, micro_config):
     ds, emb = shapes_dataset
-    out = train(tmp_path / "acc", ds, micro_config, quick_train_config(steps=2, batch_size=4, grad_accum=2),
+    out = train(tmp_path / "acc", ds, micro_config, quick_train_config(steps=2, batch_size=4, grad_accum=2), family="emoji",
                 embeddings=emb)
     assert len(out["losses"]) == 2
     assert json.loads((out["checkpoint"] / "state.json").read_text())["batches_consumed"] == 4
@@ -45,31 +45,35 @@ def test_grad_accumulation_matches_effective_batch_shape(tmp_path, shapes_datase
 
 def test_bf16_trains(tmp_path, shapes_dataset, micro_config):
     ds, emb = shapes_dataset
-    out = train(tmp_path / "bf", ds, micro_config, quick_train_config(steps=3, bf16=True), embeddings=emb)
+    out = train(tmp_path / "bf", ds, micro_config, quick_train_config(steps=3, bf16=True), family="emoji", embeddings=emb)
     assert all(np.isfinite(out["losses"]))
     assert load_checkpoint(out["checkpoint"]).weights["stem.weight"].dtype == np.float32
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, shapes_dataset, micro_config):
     ds, emb = shapes_dataset
-    train(tmp_path / "run", ds, micro_config, quick_train_config(steps=3), embeddings=emb)
+    train(tmp_path / "run", ds, micro_config, quick_train_config(steps=3), family="emoji", embeddings=emb)
     good = list_checkpoints(tmp_path / "run")[-1]
     before = (good / "model.safetensors").read_bytes()
     bad = emb.copy()
     bad[:] = np.nan
     with pytest.raises(MlxflowError, match=r"loss became nan at step 4.*step-0000003"):
-        train(tmp_path / "run", ds, micro_config, quick_train_config(steps=6), embeddings=bad, resume="latest")
+        train(tmp_path / "run", ds, micro_config, quick_train_config(steps=6), family="emoji", embeddings=bad, resume="latest")
     assert list_checkpoints(tmp_path / "run")[-1] == good
     assert (good / "model.safetensors").read_bytes() == before
 
 
 def test_resume_errors(tmp_path, shapes_dataset, micro_config):
     ds, emb = shapes_dataset
-    with pytest.raises(MlxflowError, match="no checkpoint"):
-        train(tmp_path / "empty", ds, micro_config, quick_train_config(), embeddings=emb, resume="latest")
-    train(tmp_path / "r", ds, micro_config, quick_train_config(steps=3), embeddings=emb)
+    said = []
+    out = train(tmp_path / "empty", ds, micro_config, quick_train_config(steps=2), family="emoji", embeddings=emb,
+                resume="latest", on_message=said.append)
+    assert out["start_step"] == 0 and out["steps"] == 2 and "has no checkpoint yet, starting from step 0" in said[0]
+    with pytest.raises(MlxflowError, match="already holds checkpoints"):
+        train(tmp_path / "empty", ds, micro_config, quick_train_config(steps=4), family="emoji", embeddings=emb)
+    train(tmp_path / "r", ds, micro_config, quick_train_config(steps=3), family="emoji", embeddings=emb)
     with pytest.raises(MlxflowError, match="expects"):
-        train(tmp_path / "r", ds, micro_config, quick_train_config(steps=6), embeddings=np.zeros((16, 1, 5), np.float32),
+        train(tmp_path / "r", ds, micro_config, quick_train_config(steps=6), family="emoji", embeddings=np.zeros((16, 1, 5), np.float32),
               resume="latest")
 
 
@@ -77,13 +81,22 @@ def test_wrong_checkpoint_is_refused(tmp_path, micro_config):
     from mlxflow.sample import load_model
 
     from conftest import micro_emoji_config, quick_train_config as q
-    other = micro_emoji_config(channels=(8, 16), groups=4)
     save_checkpoint(tmp_path / "x", 1, family="emoji", model_config=micro_config, train_config=q(),
                     text_encoder="minilm", weights={"stem.weight": np.zeros((3, 3, 3, 3), np.float32)})
     with pytest.raises(MlxflowError, match="missing weight"):
         load_model(tmp_path / "x")
+    # Weights of a narrower model under the config of a wider one: the first misfit is named.
+    from mlx.utils import tree_flatten
+
+    from mlxflow.models import build_model
+
+    other = micro_emoji_config(channels=(8, 16), groups=4)
+    narrow = {k: np.zeros(v.shape, np.float32) for k, v in tree_flatten(build_model("emoji", other).parameters())}
+    save_checkpoint(tmp_path / "y", 1, family="emoji", model_config=micro_config, train_config=q(),
+                    text_encoder="minilm", weights=narrow)
+    with pytest.raises(MlxflowError, match=r"'stem.weight' has shape \(8, 3, 3, 3\), the model expects \(16, 3, 3, 3\)"):
+        load_model(tmp_path / "y")
     with pytest.raises(MlxflowError, match="neither a checkpoint"):
         load_model(tmp_path)
     with pytest.raises(MlxflowError, match="not found"):
         load_model(tmp_path / "nope")
-    assert other.channels == (8, 16)

@@ -1,23 +1,44 @@
-"""MLX models, one file per family, plus the frozen text encoders (text.py)."""
+"""MLX models, one file per family, plus the frozen encoders (text.py).
+
+Which class belongs to which family is the registry's business (mlxflow/families.py);
+this module builds MLX models and fills them with checkpoint weights.
+"""
 
 from __future__ import annotations
 
-import importlib
-
-from ..errors import MlxflowError
-
-# family -> (module, class). The torch twins live under the same names in mlxflow.torch_ref.
-FAMILIES = {"emoji": ("emoji", "EmojiFlow")}
-
 
 def model_class(family: str, framework: str = "mlx"):
-    """The model class of `family` in MLX (`mlxflow.models`) or torch (`mlxflow.torch_ref`)."""
-    if family not in FAMILIES:
-        raise MlxflowError(f"unknown model family '{family}' (known: {', '.join(FAMILIES)})")
-    module, name = FAMILIES[family]
-    package = "mlxflow.models" if framework == "mlx" else "mlxflow.torch_ref"
-    return getattr(importlib.import_module(f"{package}.{module}"), name)
+    """The model class of `family` in MLX or torch (as the registry names it)."""
+    from ..families import get_family
+
+    return get_family(family).model_class(framework)
 
 
 def build_model(family: str, model_config):
-    return model_class(family)(model_config)
+    """A fresh MLX model of `family` (weights initialised from MLX's global RNG)."""
+    return model_class(family, "mlx")(model_config)
+
+
+def load_weights_into(module, weights: dict, where: str) -> None:
+    """Fill an MLX module from numpy arrays; one-line MlxflowError naming the first bad key."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from ..checkpoint import check_weights_fit
+
+    expected = {k: v.shape for k, v in tree_flatten(module.parameters())}
+    check_weights_fit(expected, weights, where)
+    module.load_weights([(k, mx.array(v)) for k, v in weights.items()])
+
+
+def load_model(ckpt_or_path, use_ema: bool = True):
+    """(MLX model with the checkpoint's weights, evaluated; Checkpoint). EMA weights when present."""
+    import mlx.core as mx
+
+    from ..checkpoint import Checkpoint, load_checkpoint
+
+    ckpt = ckpt_or_path if isinstance(ckpt_or_path, Checkpoint) else load_checkpoint(ckpt_or_path)
+    model = build_model(ckpt.family, ckpt.model_config)
+    load_weights_into(model, ckpt.inference_weights() if use_ema else ckpt.weights, f"checkpoint {ckpt.path}")
+    mx.eval(model.parameters())
+    return model, ckpt

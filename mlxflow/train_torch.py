@@ -1,0 +1,395 @@
+"""PyTorch trainer (CUDA, MPS, CPU; data-parallel under torchrun): the short loop around mlxflow.trainer.
+
+Same recipe as the MLX trainer: AdamW with the shared warmup + cosine schedule, global-norm
+gradient clipping, gradient accumulation, an EMA of the weights, condition dropout and the
+TrainConfig time sampler. Checkpoints are the shared folder format with weights in the
+canonical MLX names and layouts, so an MLX process can sample from (or fine-tune) what
+this trainer wrote.
+
+Determinism: every random draw of optimizer step `s`, micro-batch `m` (noise, t,
+condition-dropout mask) comes from a fresh CPU generator seeded by (seed, s, m) and is
+drawn for the GLOBAL batch; a DDP rank then takes its slice. Two consequences:
+  * resume is exact: nothing random has to be carried in state.json;
+  * N ranks x B/N rows see exactly the noise one process with B rows would.
+
+Run data-parallel with
+    torchrun --nproc_per_node 2 -m mlxflow.train_torch --data DIR --preset tiny --steps N --out RUN
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import resource
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .config import TrainConfig
+from .errors import MlxflowError
+from .families import get_family
+from .flow import interpolate, sample_time, to_velocity, velocity_target
+from .torch_ref import default_device
+from .trainer import RunPlan, TrainResult, prepare_run, run_training
+
+
+# ----------------------------------------------------------------------------- loss and draws
+
+def flow_matching_loss(model, x1: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
+                       prediction: str = "velocity") -> torch.Tensor:
+    """Mean squared velocity error.  x1, x0: (B,C,H,W) NCHW; t: (B,); text: (B,L,D), already dropped out."""
+    x_t = interpolate(x0, x1, t)
+    pred = to_velocity(prediction, model(x_t, t, text), x_t, t)
+    return F.mse_loss(pred.float(), velocity_target(x0, x1).float())
+
+
+def _step_generator(seed: int, step: int, micro: int) -> torch.Generator:
+    """A CPU generator that is a pure function of (seed, step, micro).
+
+    SeedSequence mixes the three numbers so neighbouring (step, micro) pairs get unrelated
+    streams; drawing on the CPU keeps the draws identical on CPU and CUDA.
+    """
+    key = int(np.random.SeedSequence([int(seed), int(step), int(micro)]).generate_state(1, np.uint64)[0])
+    return torch.Generator(device="cpu").manual_seed(key & ((1 << 63) - 1))
+
+
+def draw_step_noise(cfg: TrainConfig, step: int, micro: int, batch: int, image_shape: tuple[int, int, int]):
+    """(x0 (B,C,H,W), t (B,), keep (B,) float 0/1) for the GLOBAL batch of one micro-step."""
+    g = _step_generator(cfg.seed, step, micro)
+    x0 = torch.randn((batch, *image_shape), generator=g)
+    t = sample_time(cfg.time_sampler,
+                    lambda n: torch.rand(n, generator=g),
+                    lambda n: torch.randn(n, generator=g),
+                    batch, cfg.t_mean, cfg.t_std, cfg.t_shift)
+    keep = (torch.rand(batch, generator=g) >= cfg.cond_dropout).float()
+    return x0, t, keep
+
+
+def make_optimizer(params, cfg: TrainConfig, lr: float | None = None) -> torch.optim.AdamW:
+    """torch's AdamW with the recipe's betas, eps 1e-8 and decoupled decay (the MLX twin: train.make_optimizer)."""
+    return torch.optim.AdamW(params, lr=cfg.lr if lr is None else lr, betas=tuple(cfg.betas), eps=1e-8,
+                             weight_decay=cfg.weight_decay)
+
+
+# ----------------------------------------------------------------------------- weights and state
+
+def _unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def _to_mlx(tensors: dict[str, torch.Tensor], model_config, family: str) -> dict[str, np.ndarray]:
+    """torch-named, torch-layout tensors -> canonical MLX names and layouts (numpy, on the CPU)."""
+    from convert.torch_mlx import torch_to_mlx
+
+    return torch_to_mlx({k: v.detach().float() for k, v in tensors.items()}, model_config, family)
+
+
+def _from_mlx(weights: dict[str, np.ndarray], model_config, family: str, where: str) -> dict[str, torch.Tensor]:
+    """Checkpoint arrays -> torch state_dict tensors (MlxflowError naming the first bad key)."""
+    from convert.torch_mlx import mlx_to_torch
+
+    return mlx_to_torch(weights, model_config, family, where=where)
+
+
+def weights_digest(model) -> str:
+    """sha256 over all parameters in state_dict order: equal digests = bitwise-equal weights."""
+    h = hashlib.sha256()
+    for k, v in _unwrap(model).state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# Optimizer state is stored exactly as tree_flatten(MLX AdamW.state) is: per parameter
+# (canonical MLX key and layout) "<key>.m" (exp_avg) and "<key>.v" (exp_avg_sq), plus
+# "step" and "learning_rate". Both trainers use bias-corrected AdamW with eps 1e-8, so
+# either one can resume the other's run.
+def optimizer_state_to_numpy(opt: torch.optim.Optimizer, model, model_config, family: str,
+                             lr: float) -> dict[str, np.ndarray]:
+    names = {p: k for k, p in _unwrap(model).named_parameters()}
+    m, v, step = {}, {}, 0
+    for p, st in opt.state.items():
+        if st:
+            m[names[p]], v[names[p]] = st["exp_avg"], st["exp_avg_sq"]
+            step = int(st["step"])
+    out = {f"{k}.m": a for k, a in _to_mlx(m, model_config, family).items()} if m else {}
+    out.update({f"{k}.v": a for k, a in _to_mlx(v, model_config, family).items()} if v else {})
+    # The same scalar entries (and dtypes) as tree_flatten(mlx AdamW.state).
+    out["step"] = np.array(step, np.uint64)
+    out["learning_rate"] = np.array(lr, np.float32)
+    return out
+
+
+def optimizer_state_from_numpy(opt: torch.optim.Optimizer, model, model_config, family: str,
+                               flat: dict[str, np.ndarray], where: str):
+    # safetensors may hand a scalar back as shape (1,): take the element either way.
+    step = int(np.asarray(flat.get("step", 0)).reshape(-1)[0])
+    if step == 0:
+        return
+    m = {k[:-2]: a for k, a in flat.items() if k.endswith(".m")}
+    v = {k[:-2]: a for k, a in flat.items() if k.endswith(".v")}
+    m = _from_mlx(m, model_config, family, f"{where} (optimizer exp_avg)")
+    v = _from_mlx(v, model_config, family, f"{where} (optimizer exp_avg_sq)")
+    for k, p in _unwrap(model).named_parameters():
+        # torch keeps `step` as a float32 scalar tensor on the CPU (non-capturable AdamW).
+        opt.state[p] = {"step": torch.tensor(float(step), dtype=torch.float32),
+                        "exp_avg": m[k].to(p.device, p.dtype), "exp_avg_sq": v[k].to(p.device, p.dtype)}
+
+
+def _setup_distributed(device):
+    """(rank, world, device, created_group) from torchrun's environment; (0, 1, device, False) alone."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, torch.device(device or default_device()), False
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
+    if use_cuda:
+        torch.cuda.set_device(local)
+    created = False
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        created = True
+    return rank, world, torch.device(f"cuda:{local}" if use_cuda else "cpu"), created
+
+
+# ----------------------------------------------------------------------------- the session
+
+class TorchSession:
+    """The torch side of a run (see mlxflow.trainer): model (DDP-wrapped when world > 1), EMA, AdamW."""
+
+    def __init__(self, plan: RunPlan, rank: int, world: int, device: torch.device):
+        cfg, fam, mcfg = plan.train_config, plan.family, plan.model_config
+        if cfg.batch_size % world:
+            raise MlxflowError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({world})")
+        self.cfg, self.family, self.mcfg = cfg, fam, mcfg
+        self.rank, self.world, self.device = rank, world, device
+        local = cfg.batch_size // world
+        self.rows = slice(rank * local, (rank + 1) * local)  # this rank's contiguous slice of the global batch
+        h, w, c = fam.network_shape(mcfg)
+        self.image_shape = (c, h, w)
+
+        # Same seed on every rank, built on the CPU before moving, so all ranks (and a
+        # single-process run) start from identical weights.
+        torch.manual_seed(cfg.seed)
+        model = fam.build(mcfg, "torch")
+        ck = plan.checkpoint
+        if ck is not None:
+            model.load_state_dict(_from_mlx(ck.weights, mcfg, fam.name, f"checkpoint {ck.path}"))
+        model.to(device)
+        self.model = model
+        self.ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+        if ck is not None and ck.ema is not None:
+            ema_sd = _from_mlx(ck.ema, mcfg, fam.name, f"checkpoint {ck.path} (EMA)")
+            self.ema = {k: v.to(device) for k, v in ema_sd.items()}
+        self.opt = make_optimizer(model.parameters(), cfg)
+        if ck is not None:
+            optimizer_state_from_numpy(self.opt, model, mcfg, fam.name, ck.optimizer, f"checkpoint {ck.path}")
+        self.ddp_model = model
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # bf16 autocast: matmuls/convs in bf16, fp32 master weights and optimizer state, loss in fp32.
+        self.amp = (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if cfg.bf16 else nullcontext
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.clip = cfg.grad_clip if cfg.grad_clip and cfg.grad_clip > 0 else float("inf")
+        self.lr = cfg.lr
+        model.train()
+
+    def step(self, step: int, micro_batches: list[dict], lr: float) -> tuple[float, float]:
+        cfg, rows, dev = self.cfg, self.rows, self.device
+        self.lr = lr
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.opt.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=dev)
+        for micro, batch in enumerate(micro_batches):
+            x0, t, keep = draw_step_noise(cfg, step, micro, cfg.batch_size, self.image_shape)
+            # NHWC -> NCHW (the torch twin's layout), then this rank's rows.
+            x1 = torch.from_numpy(batch["image"][rows]).permute(0, 3, 1, 2).contiguous().to(dev)
+            text = torch.from_numpy(batch["text"][rows]).to(dev) * keep[rows, None, None].to(dev)
+            x0, t = x0[rows].to(dev), t[rows].to(dev)
+            # DDP all-reduces gradients only on the last micro-batch (no_sync on the others).
+            sync = self.world == 1 or micro == len(micro_batches) - 1
+            with (nullcontext() if sync else self.ddp_model.no_sync()), self.amp():
+                loss = flow_matching_loss(self.ddp_model, x1, x0, t, text, self.family.prediction) / len(micro_batches)
+            loss.backward()
+            loss_sum += loss.detach()
+        if self.world > 1:
+            dist.all_reduce(loss_sum)  # the logged loss is the global batch's, on every rank
+            loss_sum /= self.world
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.clip))
+        loss_val = float(loss_sum)
+        if not (np.isfinite(loss_val) and np.isfinite(grad_norm)):
+            return loss_val, grad_norm  # the trainer stops before the optimizer touches the weights
+        self.opt.step()
+        with torch.no_grad():
+            # EMA after every optimizer step: ema += (1 - decay) * (w - ema).
+            for k, w in self.model.state_dict().items():
+                if w.is_floating_point():
+                    self.ema[k].lerp_(w.float(), 1.0 - cfg.ema_decay)
+                else:
+                    self.ema[k].copy_(w)
+        return loss_val, grad_norm
+
+    def checkpoint_tensors(self, step: int) -> dict:
+        name = self.family.name
+        return {"weights": _to_mlx(self.model.state_dict(), self.mcfg, name), "ema": _to_mlx(self.ema, self.mcfg, name),
+                "optimizer": optimizer_state_to_numpy(self.opt, self.model, self.mcfg, name, self.lr)}
+
+    def ema_weights(self) -> dict[str, np.ndarray]:
+        return _to_mlx(self.ema, self.mcfg, self.family.name)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when any rank saw Ctrl-C, so all stop at the same step."""
+        if self.world == 1:
+            return bool(flag)
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t)
+        return bool(t.item() > 0)
+
+
+def train_torch(run_dir, dataset, model_config, train_config: TrainConfig, *, family: str,
+                text_encoder: str = "minilm", resume: str | None = None, device=None, embeddings=None,
+                on_step=None, on_checkpoint=None, on_sample=None, on_message=None) -> TrainResult:
+    """Train `family` with torch on a dataset (folder or ImageTextDataset); same contract as train.train.
+
+    Under torchrun (WORLD_SIZE > 1) every rank calls this; rank 0 writes checkpoints.
+    The result also carries "world_size", "rank", "device" and "digest" (weights sha256).
+    """
+    rank, world, dev, created_group = _setup_distributed(device)
+    try:
+        plan = prepare_run(run_dir, family, dataset, model_config, train_config, text_encoder=text_encoder,
+                           resume=resume, embeddings=embeddings)
+        session = TorchSession(plan, rank, world, dev)
+        result = run_training(plan, session, framework="torch", on_step=on_step, on_checkpoint=on_checkpoint,
+                              on_sample=on_sample, on_message=on_message,
+                              extra_state={"rng": f"torch generator per (seed={plan.train_config.seed}, step, micro)"})
+        result.extra.update(world_size=world, rank=rank, device=str(dev), digest=weights_digest(session.model))
+        return result
+    finally:
+        if created_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+def benchmark_torch(model_config, batch_size: int, *, family: str, steps: int = 10, warmup: int = 3, device=None,
+                    bf16: bool = False) -> dict:
+    """Timed training steps (forward + backward + AdamW) on random data.
+
+    Returns {"img_per_s", "device", "peak_mem_mb", "peak_mem_kind", "params", "step_ms"}.
+    peak_mem_kind is "cuda_max_allocated" on CUDA, else "process_max_rss" (whole process,
+    including torch itself, so it overstates the model's share).
+    """
+    fam = get_family(family)
+    dev = torch.device(device or default_device())
+    torch.manual_seed(0)
+    model = fam.build(model_config, "torch").to(dev).train()
+    opt = make_optimizer(model.parameters(), TrainConfig(lr=1e-4))
+    h, w, c = fam.network_shape(model_config)
+    x1 = torch.randn(batch_size, c, h, w, device=dev)
+    x0 = torch.randn(batch_size, c, h, w, device=dev)
+    t = torch.rand(batch_size, device=dev)
+    text = torch.randn(batch_size, model_config.text_tokens, model_config.text_dim, device=dev)
+    amp = torch.autocast(device_type=dev.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    # Kernels run asynchronously on GPUs: wait for them before reading the clock.
+    sync = {"cuda": torch.cuda.synchronize, "mps": lambda: torch.mps.synchronize()}.get(dev.type, lambda: None)
+
+    def one_step():
+        opt.zero_grad(set_to_none=True)
+        with amp:
+            loss = flow_matching_loss(model, x1, x0, t, text, fam.prediction)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    for _ in range(warmup):
+        one_step()
+    sync()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        one_step()
+    sync()
+    dt = time.perf_counter() - t0
+    if dev.type == "cuda":
+        peak, kind = torch.cuda.max_memory_allocated(dev) / 2**20, "cuda_max_allocated"
+    else:
+        # ru_maxrss is KiB on Linux, bytes on macOS.
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak, kind = (rss / 2**20 if sys.platform == "darwin" else rss / 1024), "process_max_rss"
+    return {"framework": "torch", "img_per_s": batch_size * steps / dt, "step_ms": 1000 * dt / steps,
+            "device": str(dev), "peak_mem_mb": round(peak, 1), "peak_mem_kind": kind,
+            "params": sum(p.numel() for p in model.parameters())}
+
+
+# ----------------------------------------------------------------------------- torchrun entry
+
+def main(argv=None):
+    from .families import family_names
+
+    p = argparse.ArgumentParser(prog="python -m mlxflow.train_torch",
+                                description="Train with the PyTorch twin (single process or under torchrun).")
+    p.add_argument("--data", required=True, help="dataset folder")
+    p.add_argument("--out", required=True, help="run folder for checkpoints")
+    p.add_argument("--family", default="emoji", choices=family_names())
+    p.add_argument("--preset")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--grad-accum", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--ckpt-every", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--bf16", action="store_true", default=None)
+    p.add_argument("--text-encoder", default="minilm")
+    p.add_argument("--embeddings", help="precomputed float32 (N, L, D) caption embeddings (.npy)")
+    p.add_argument("--resume", help="'latest' or a checkpoint folder")
+    p.add_argument("--device")
+    a = p.parse_args(argv)
+
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        fam = get_family(a.family)
+        emb = np.load(a.embeddings) if a.embeddings else None
+        mcfg = fam.model_config(a.preset)  # text_dim/text_tokens follow the embeddings
+        tcfg = fam.train_config(a.preset, steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum,
+                                lr=a.lr, ckpt_every=a.ckpt_every, seed=a.seed, bf16=a.bf16)
+
+        def log(info):
+            if info.step % max(tcfg.log_every, 1) == 0 or info.step == info.total:
+                print(f"step {info.step:6d}  loss {info.loss:.4f}  lr {info.lr:.2e}  {info.img_per_s:.1f} img/s",
+                      flush=True)
+
+        summary = train_torch(a.out, a.data, mcfg, tcfg, family=a.family, text_encoder=a.text_encoder,
+                              resume=a.resume, device=a.device, on_step=log, embeddings=emb)
+    except MlxflowError as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if rank == 0:
+            print("interrupted; checkpoints already written are intact (--resume latest continues)", file=sys.stderr)
+        return 130
+    if rank == 0:
+        if summary.interrupted:
+            print(f"interrupted at step {summary.steps}: checkpoint {summary.checkpoint}; "
+                  f"continue with --resume latest", file=sys.stderr)
+            return 130
+        print(f"done: step {summary.steps}, loss {summary['loss']:.4f}, checkpoint {summary.checkpoint}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

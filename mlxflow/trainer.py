@@ -1,0 +1,263 @@
+"""What the MLX and torch trainers share: run preparation, the step loop, and its guards.
+
+A training run is: prepare (resume rules, text embeddings, shape checks, data at the
+model's size) -> loop (draw micro-batches, one framework step, finite guard, step info,
+periodic checkpoints and samples, Ctrl-C at a step boundary) -> final checkpoint.
+Everything here is framework-free; a framework supplies a small `Session`:
+
+    session.step(step, micro_batches, lr) -> (loss, grad_norm)   host floats, one optimizer step
+    session.checkpoint_tensors(step)      -> {"weights", "ema", "optimizer"} (MLX names/layouts, numpy)
+    session.ema_weights()                 -> EMA weights (MLX names/layouts, numpy) for sample grids
+    session.rank, session.world, session.barrier(), session.any_rank(flag)
+
+so both frameworks get the same checkpoints, the same error messages and the same
+callbacks (`on_step(StepInfo)`, `on_checkpoint(path)`, `on_sample(step, ema_weights, model_config)`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .checkpoint import Checkpoint, checkpoint_to_resume, list_checkpoints, save_checkpoint
+from .config import TrainConfig
+from .errors import MlxflowError
+from .families import Family, get_family
+from .schedule import lr_at
+
+
+@dataclass
+class StepInfo:
+    """What a trainer reports after every optimizer step (both frameworks, same shape)."""
+
+    step: int
+    total: int
+    loss: float
+    lr: float
+    grad_norm: float
+    img_per_s: float
+
+
+@dataclass
+class RunPlan:
+    """A prepared run: everything a framework needs to build its models and start stepping."""
+
+    run_dir: Path
+    family: Family
+    model_config: object
+    train_config: TrainConfig
+    text_encoder: str
+    dataset: object  # ImageTextDataset at the model's image size
+    embeddings: np.ndarray  # (N, L, D) float32 caption embeddings
+    start_step: int = 0
+    data_position: int = 0  # micro-batches consumed before start_step
+    checkpoint: Checkpoint | None = None  # what we resume from
+    notes: list[str] = field(default_factory=list)  # things the user should be told
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path | None
+    losses: list[float]
+    steps: int
+    start_step: int
+    model_config: object
+    interrupted: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def __getitem__(self, key):  # the summary dict callers and tests have always read
+        if key in ("checkpoint", "losses", "steps", "start_step", "model_config", "interrupted"):
+            return getattr(self, key)
+        if key == "loss":
+            return self.losses[-1] if self.losses else None
+        return self.extra[key]
+
+
+def prepare_run(run_dir, family: str, dataset, model_config, train_config: TrainConfig, *,
+                text_encoder: str = "minilm", resume: str | None = None,
+                embeddings: np.ndarray | None = None) -> RunPlan:
+    """Apply the resume rules and check that data, embeddings and model fit together.
+
+    resume: None (a fresh run: refused if the run folder already holds checkpoints),
+    "latest" (the newest intact checkpoint; a run folder without one starts fresh and
+    says so), or a checkpoint folder.
+    """
+    from .data.dataset import ImageTextDataset
+    from .data.transforms import resize_images
+
+    run_dir = Path(run_dir)
+    fam = get_family(family)
+    notes: list[str] = []
+    ckpt = None
+    existing = list_checkpoints(run_dir)
+    if resume == "latest" and not existing:
+        notes.append(f"--resume latest: {run_dir} has no checkpoint yet, starting from step 0")
+        resume = None
+    elif resume is None and existing:
+        raise MlxflowError(f"{run_dir} already holds checkpoints (newest: {existing[-1].name}); "
+                           "pass --resume latest to continue it, or choose another --out")
+    if resume is not None:
+        ckpt, train_config = checkpoint_to_resume(run_dir, resume, family, train_config)
+        model_config, text_encoder = ckpt.model_config, ckpt.text_encoder or text_encoder
+
+    if not hasattr(dataset, "batches"):
+        dataset = ImageTextDataset.load(dataset)
+    if embeddings is None:
+        from .models.text import load_text_encoder
+
+        embeddings = dataset.text_embeddings(load_text_encoder(text_encoder))
+    embeddings = np.asarray(embeddings, np.float32)
+    if embeddings.ndim != 3 or len(embeddings) != len(dataset):
+        raise MlxflowError(f"text embeddings {embeddings.shape} do not match the {len(dataset)} captions")
+    if ckpt is None:
+        # A fresh model takes its text input shape from the encoder actually used.
+        model_config = replace(model_config, text_tokens=embeddings.shape[1], text_dim=embeddings.shape[2])
+    elif (model_config.text_tokens, model_config.text_dim) != embeddings.shape[1:]:
+        raise MlxflowError(f"text embeddings are {embeddings.shape[1:]} but the checkpoint expects "
+                           f"{(model_config.text_tokens, model_config.text_dim)} (a different text encoder?)")
+    model_config.validate()
+
+    cfg = train_config
+    if cfg.batch_size < 1 or cfg.grad_accum < 1:
+        raise MlxflowError(f"batch size and gradient accumulation must be >= 1, got {cfg.batch_size}, {cfg.grad_accum}")
+    if len(dataset) < cfg.batch_size:
+        raise MlxflowError(f"dataset has {len(dataset)} images, fewer than the batch size {cfg.batch_size}")
+    # A resized copy: the caller's dataset object is never changed under it.
+    size = model_config.image_size
+    if dataset.size != size:
+        dataset = ImageTextDataset(dataset.path, resize_images(dataset.images, size), dataset.captions, dataset.meta)
+
+    start = ckpt.step if ckpt is not None else 0
+    position = int(ckpt.state.get("batches_consumed", start * cfg.grad_accum)) if ckpt is not None else 0
+    return RunPlan(run_dir, fam, model_config, cfg, text_encoder, dataset, embeddings, start, position, ckpt, notes)
+
+
+def check_finite(step: int, loss: float, grad_norm: float, last_good: Path | None) -> None:
+    """Stop a run whose loss or gradient norm is not finite, naming the last good checkpoint."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    what = f"loss became {loss}" if not math.isfinite(loss) else f"gradient norm became {grad_norm}"
+    where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was written"
+    raise MlxflowError(f"{what} at step {step}; training stopped ({where})")
+
+
+class StopFlag:
+    """Set by the first Ctrl-C; the loop stops at the next step boundary and saves."""
+
+    def __init__(self):
+        self.requested = False
+
+
+@contextlib.contextmanager
+def graceful_interrupt(on_message: Callable[[str], None] | None = None):
+    """First SIGINT: ask the loop to stop at the next step boundary. Second: stop at once.
+
+    Checkpoints are written atomically, so stopping at once loses nothing already
+    written. Only the main thread can own signal handlers; elsewhere this is a no-op.
+    """
+    flag = StopFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        if flag.requested:
+            signal.signal(signal.SIGINT, previous if callable(previous) else signal.default_int_handler)
+            raise KeyboardInterrupt
+        flag.requested = True
+        if on_message:
+            on_message("stopping after this step and saving a checkpoint (Ctrl-C again to stop at once)")
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+
+def run_training(plan: RunPlan, session, *, framework: str,
+                 on_step: Callable[[StepInfo], None] | None = None,
+                 on_checkpoint: Callable[[Path], None] | None = None,
+                 on_sample: Callable[[int, dict, object], None] | None = None,
+                 on_message: Callable[[str], None] | None = None,
+                 extra_state: dict | None = None) -> TrainResult:
+    """The step loop both trainers run (see the module docstring)."""
+    try:
+        from .runlock import RunLock
+    except ImportError:  # TEMP until runlock lands
+        RunLock = lambda d: contextlib.nullcontext()  # noqa: E731
+
+    cfg, step = plan.train_config, plan.start_step
+    say = on_message or (lambda msg: print(msg, file=sys.stderr))
+    if session.rank == 0:
+        for note in plan.notes:
+            say(note)
+    batches = plan.dataset.batches(cfg.batch_size, cfg.seed, start=plan.data_position, flip=cfg.flip,
+                                   embeddings=plan.embeddings)
+    position = plan.data_position
+    existing = list_checkpoints(plan.run_dir)
+    last_good = existing[-1] if existing else None
+    losses: list[float] = []
+    final = plan.checkpoint.path if plan.checkpoint is not None else None
+
+    def save(at_step: int) -> Path:
+        nonlocal last_good
+        path = plan.run_dir / f"step-{at_step:07d}"
+        if session.rank == 0:
+            tensors = session.checkpoint_tensors(at_step)
+            path = save_checkpoint(
+                plan.run_dir, at_step, family=plan.family.name, model_config=plan.model_config, train_config=cfg,
+                text_encoder=plan.text_encoder, weights=tensors["weights"], ema=tensors["ema"],
+                optimizer=tensors["optimizer"],
+                state={"batches_consumed": position, "loss": losses[-1] if losses else None,
+                       "dataset": str(getattr(plan.dataset, "path", "")), "world_size": session.world,
+                       **(extra_state or {})},
+                keep=cfg.keep_checkpoints, framework=framework)
+            if on_checkpoint:
+                on_checkpoint(path)
+        session.barrier()  # nobody races ahead (or exits) while rank 0 is still writing
+        last_good = path
+        return path
+
+    lock = RunLock(plan.run_dir) if session.rank == 0 else contextlib.nullcontext()
+    interrupted = False
+    with lock, graceful_interrupt(say if session.rank == 0 else None) as stop:
+        tic = time.perf_counter()
+        while step < cfg.steps:
+            micro = [next(batches) for _ in range(cfg.grad_accum)]
+            position += cfg.grad_accum
+            lr = lr_at(step, cfg)
+            loss, grad_norm = session.step(step, micro, lr)
+            check_finite(step + 1, loss, grad_norm, last_good)
+            losses.append(loss)
+            step += 1
+            now = time.perf_counter()
+            if on_step and session.rank == 0:
+                on_step(StepInfo(step, cfg.steps, loss, lr, grad_norm,
+                                 cfg.batch_size * cfg.grad_accum / max(now - tic, 1e-9)))
+            tic = now
+            if session.any_rank(stop.requested) and step < cfg.steps:
+                interrupted = True
+                break
+            if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
+                final = save(step)
+            if on_sample and session.rank == 0 and cfg.sample_every and step % cfg.sample_every == 0 \
+                    and step < cfg.steps:
+                on_sample(step, session.ema_weights(), plan.model_config)
+        if step > plan.start_step and (final is None or final.name != f"step-{step:07d}"):
+            final = save(step)
+        elif final is None:
+            final = save(step)  # a fresh run asked for zero steps still leaves its initial weights
+    if on_sample and session.rank == 0 and not interrupted:
+        on_sample(step, session.ema_weights(), plan.model_config)
+    return TrainResult(final, losses, step, plan.start_step, plan.model_config, interrupted)
