@@ -25,7 +25,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from .config import TrainConfig
 from .flow import interpolate, sample_time, to_velocity, velocity_target
 from .models import load_weights_into
-from .trainer import RunPlan, StepInfo, TrainResult, prepare_run, run_training
+from .trainer import RunPlan, StepInfo, TrainResult, prepare_run, run_lock, run_training
 
 __all__ = ["train", "flow_matching_loss", "make_optimizer", "make_train_step", "step_key", "StepInfo"]
 
@@ -154,7 +154,8 @@ def train(run_dir, dataset, model_config, train_config: TrainConfig, *, family: 
     `embeddings` (N,L,D) skips the text encoder (tests, custom conditioning).
     `on_sample(step, ema_weights, model_config)` runs every `sample_every` steps and at the end.
     """
-    plan = prepare_run(run_dir, family, dataset, model_config, train_config, text_encoder=text_encoder,
-                       resume=resume, embeddings=embeddings)
-    return run_training(plan, MLXSession(plan), framework="mlx", on_step=on_step, on_checkpoint=on_checkpoint,
-                        on_sample=on_sample, on_message=on_message)
+    with run_lock(run_dir):
+        plan = prepare_run(run_dir, family, dataset, model_config, train_config, text_encoder=text_encoder,
+                           resume=resume, embeddings=embeddings)
+        return run_training(plan, MLXSession(plan), framework="mlx", on_step=on_step, on_checkpoint=on_checkpoint,
+                            on_sample=on_sample, on_message=on_message)

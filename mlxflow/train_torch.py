@@ -36,7 +36,7 @@ from .errors import MlxflowError
 from .families import get_family
 from .flow import interpolate, sample_time, to_velocity, velocity_target
 from .torch_ref import default_device
-from .trainer import RunPlan, TrainResult, prepare_run, run_training
+from .trainer import RunPlan, TrainResult, prepare_run, run_lock, run_training
 
 
 # ----------------------------------------------------------------------------- loss and draws
@@ -269,12 +269,13 @@ def train_torch(run_dir, dataset, model_config, train_config: TrainConfig, *, fa
     """
     rank, world, dev, created_group = _setup_distributed(device)
     try:
-        plan = prepare_run(run_dir, family, dataset, model_config, train_config, text_encoder=text_encoder,
-                           resume=resume, embeddings=embeddings)
-        session = TorchSession(plan, rank, world, dev)
-        result = run_training(plan, session, framework="torch", on_step=on_step, on_checkpoint=on_checkpoint,
-                              on_sample=on_sample, on_message=on_message,
-                              extra_state={"rng": f"torch generator per (seed={plan.train_config.seed}, step, micro)"})
+        with run_lock(run_dir, rank):
+            plan = prepare_run(run_dir, family, dataset, model_config, train_config, text_encoder=text_encoder,
+                               resume=resume, embeddings=embeddings)
+            session = TorchSession(plan, rank, world, dev)
+            rng = f"torch generator per (seed={plan.train_config.seed}, step, micro)"
+            result = run_training(plan, session, framework="torch", on_step=on_step, on_checkpoint=on_checkpoint,
+                                  on_sample=on_sample, on_message=on_message, extra_state={"rng": rng})
         result.extra.update(world_size=world, rank=rank, device=str(dev), digest=weights_digest(session.model))
         return result
     finally:

@@ -98,7 +98,12 @@ def prepare_run(run_dir, family: str, dataset, model_config, train_config: Train
     fam = get_family(family)
     notes: list[str] = []
     ckpt = None
-    existing = list_checkpoints(run_dir)
+    existing, broken = list_checkpoints(run_dir, with_broken=True)
+    notes += [f"skipping damaged checkpoint {path.name}: {reason}" for path, reason in broken]
+    if broken and not existing:
+        # Starting over could write a step over a damaged folder someone may still want to rescue.
+        raise MlxflowError(f"{run_dir} holds only damaged checkpoints ({broken[-1][0].name}: {broken[-1][1]}); "
+                           "move them away or choose another --out")
     if resume == "latest" and not existing:
         notes.append(f"--resume latest: {run_dir} has no checkpoint yet, starting from step 0")
         resume = None
@@ -139,6 +144,14 @@ def prepare_run(run_dir, family: str, dataset, model_config, train_config: Train
     start = ckpt.step if ckpt is not None else 0
     position = int(ckpt.state.get("batches_consumed", start * cfg.grad_accum)) if ckpt is not None else 0
     return RunPlan(run_dir, fam, model_config, cfg, text_encoder, dataset, embeddings, start, position, ckpt, notes)
+
+
+def run_lock(run_dir, rank: int = 0):
+    """The run folder's lock, held by rank 0 for a whole run (preparation included): a second
+    trainer pointed at the same folder stops with one line instead of mixing checkpoints."""
+    from .runlock import RunLock
+
+    return RunLock(run_dir) if rank == 0 else contextlib.nullcontext()
 
 
 def check_finite(step: int, loss: float, grad_norm: float, last_good: Path | None) -> None:
@@ -192,11 +205,6 @@ def run_training(plan: RunPlan, session, *, framework: str,
                  on_message: Callable[[str], None] | None = None,
                  extra_state: dict | None = None) -> TrainResult:
     """The step loop both trainers run (see the module docstring)."""
-    try:
-        from .runlock import RunLock
-    except ImportError:  # TEMP until runlock lands
-        RunLock = lambda d: contextlib.nullcontext()  # noqa: E731
-
     cfg, step = plan.train_config, plan.start_step
     say = on_message or (lambda msg: print(msg, file=sys.stderr))
     if session.rank == 0:
@@ -229,9 +237,8 @@ def run_training(plan: RunPlan, session, *, framework: str,
         last_good = path
         return path
 
-    lock = RunLock(plan.run_dir) if session.rank == 0 else contextlib.nullcontext()
     interrupted = False
-    with lock, graceful_interrupt(say if session.rank == 0 else None) as stop:
+    with graceful_interrupt(say if session.rank == 0 else None) as stop:
         tic = time.perf_counter()
         while step < cfg.steps:
             micro = [next(batches) for _ in range(cfg.grad_accum)]

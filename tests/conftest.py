@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+
+# Tests that claim bitwise equality (exact resume) need torch's CPU math to be a pure function
+# of its inputs. MKL picks kernels by the memory alignment of its operands unless its
+# conditional numerical reproducibility is on, so a resumed run, whose tensors live at other
+# addresses, could round differently. STRICT makes results independent of alignment (with
+# the best instruction set, AUTO); it must be set before MKL loads, i.e. before torch is
+# imported, which conftest runs ahead of. The thread count is the other half (fixtures set 1).
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 import numpy as np
 import pytest

@@ -47,24 +47,26 @@ def test_two_ranks_match_single_process(tmp_path):
     assert r0["world_size"] == 2 and r0["digest"] == r1["digest"] and r0["losses"] == r1["losses"]
 
     torch.set_num_threads(1)
-    single = train_torch(tmp_path / "single", ds, micro_emoji_config(), quick_train_config(**cfg), family="emoji", embeddings=emb)
-    # Same data, same noise (drawn for the global batch, then sliced), same start weights.
-    # Not bitwise: a rank's loss is a mean over 4 rows and gloo averages two such gradients,
-    # where one process sums 8 rows in one reduction. That float re-association gives
-    # ~1e-7 relative differences per step, hence rtol 1e-5 on losses and atol 1e-5 on weights.
+    single = train_torch(tmp_path / "single", ds, micro_emoji_config(), quick_train_config(**cfg), family="emoji",
+                         embeddings=emb)
+    # Same data, same noise (drawn for the global batch, then sliced), same start weights,
+    # but not the same arithmetic: a rank's loss is a mean over 4 rows and gloo averages
+    # two such gradients, where one process sums 8 rows in one reduction. Re-associating a
+    # float sum changes it by ~1e-7 relative, so losses agree to rtol 1e-5.
     np.testing.assert_allclose(r0["losses"], single["losses"], rtol=1e-5)
     a, b = load_checkpoint(tmp_path / "ddp").weights, load_checkpoint(tmp_path / "single").weights
-
-    # Except for parameters the loss cannot see: their exact gradient is 0, the computed one
-    # is rounding noise (~1e-10) that Adam rescales to updates ~lr * 1e-2, different in each
-    # run. They are k_proj.bias (softmax ignores a constant added to every logit) and, with
-    # one text token, the cross-attention queries and keys (softmax over a single key is 1).
-    # They change no output, so they are checked through the network's output instead.
-    def blind(k):
-        return k.endswith("k_proj.bias") or ("cross_attn" in k and (".q_proj." in k or ".k_proj." in k))
-
-    worst = max(float(np.abs(a[k] - b[k]).max()) for k in a if not blind(k))
-    assert worst < 1e-5, worst
+    diff = np.concatenate([np.abs(a[k] - b[k]).ravel() for k in a])
+    # AdamW divides each gradient entry by its own running RMS, so a relative gradient
+    # difference eps becomes an update difference ~ lr * eps * (tensor scale / |g|): ~lr * 1e-7
+    # for typical entries, but up to ~2 lr per step for the few entries whose gradient is
+    # itself at rounding level (k_proj.bias, which softmax cannot see; the cross-attention
+    # q/k over one text token, whose exact gradient is 0; chance near-zeros). Which entries
+    # those are depends on the machine's summation order, so no per-key list can be right
+    # everywhere: the bulk is held tight, the tail to Adam's bound, and the function the
+    # weights compute (below) to 1e-5.
+    lr, steps = quick_train_config(**cfg).lr, cfg["steps"]
+    assert np.median(diff) <= 1e-7 and np.quantile(diff, 0.99) <= 1e-5, (np.median(diff), np.quantile(diff, 0.99))
+    assert diff.max() <= 2 * lr * steps, diff.max()
     from convert.torch_mlx import mlx_to_torch
     from mlxflow.torch_ref.emoji import EmojiFlow
 
@@ -77,7 +79,8 @@ def test_two_ranks_match_single_process(tmp_path):
         with torch.no_grad():
             outs.append(net(x, t, text))
     out_diff = float((outs[0] - outs[1]).abs().max())
-    print(f"DDP vs single process: max |dw| (seen params) {worst:.1e}, max |d output| {out_diff:.1e}")
+    print(f"DDP vs single process: |dw| median {np.median(diff):.1e}, p99 {np.quantile(diff, 0.99):.1e}, "
+          f"max {diff.max():.1e}; max |d output| {out_diff:.1e}")
     assert out_diff < 1e-5, out_diff
     assert json.loads((tmp_path / "ddp" / "step-0000004" / "state.json").read_text())["world_size"] == 2
 

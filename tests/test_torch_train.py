@@ -18,9 +18,13 @@ from conftest import quick_train_config  # noqa: E402
 def one_thread():
     # Tiny models gain nothing from intra-op threads, and on a busy 2-core box torch's
     # spinning worker threads make each step ~10x slower.
+    # One thread also makes CPU reductions run in one fixed order, which the bitwise resume
+    # check relies on (with MKL's alignment-independent mode, set in conftest).
     n = torch.get_num_threads()
     torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
     yield
+    torch.use_deterministic_algorithms(False)
     torch.set_num_threads(n)
 
 
@@ -120,7 +124,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, shapes_dataset,
         train_torch(tmp_path / "run", ds, micro_config, quick_train_config(steps=6), family="emoji", embeddings=bad, resume="latest")
     assert list_checkpoints(tmp_path / "run") == [good]
     assert {f.name: f.read_bytes() for f in good.iterdir()} == before
-    assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]  # no temp folders left
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".") and p.name != ".lock"]  # no temp folders
 
 
 def test_bf16_autocast_trains_with_fp32_master_weights(tmp_path, shapes_dataset, micro_config):
