@@ -106,8 +106,33 @@ def test_bad_text_encoder_folders(tmp_path):
 
 
 def test_unknown_encoder():
-    with pytest.raises(MlxflowError, match="unknown text encoder 'bert'"):
+    with pytest.raises(MlxflowError, match=r"unknown text encoder 'bert' \(known: minilm, minilm:DIR, clip, clip:WEIGHTS"):
         load_text_encoder("bert")
+
+
+def test_encoders_are_a_registry(monkeypatch):
+    """A new encoder is one entry: `load_text_encoder("name:arg")` reaches its loader."""
+    import numpy as np
+
+    from mlxflow.models import text
+
+    class Fixed(text.TextEncoder):
+        tokens, dim = 4, 3
+
+        def __init__(self, arg):
+            self.id, self.spec, self.arg = f"fixed-{arg}", f"fixed:{arg}", arg
+
+        def encode(self, texts):
+            return np.full((len(texts), self.tokens, self.dim), float(self.arg), np.float32)
+
+    monkeypatch.setattr(text, "ENCODERS", dict(text.ENCODERS))
+    monkeypatch.setattr(text, "_CACHE", {})
+    text.register_encoder(text.EncoderEntry("fixed", tokens=4, dim=3, load=Fixed, arg_help="VALUE"))
+    enc = load_text_encoder("fixed:2")
+    assert enc.encode(["a", "b"]).shape == (2, 4, 3) and enc.encode(["a"])[0, 0, 0] == 2.0
+    assert load_text_encoder("fixed:2") is enc  # cached by spec
+    assert "fixed:VALUE" in text.known_encoders()
+    assert (text.ENCODERS["minilm"].tokens, text.ENCODERS["minilm"].dim) == (1, 384)
 
 
 def test_clip_never_builds_random_weights(tmp_path):

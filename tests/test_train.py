@@ -35,6 +35,48 @@ def test_resume_is_exact(tmp_path, shapes_dataset, micro_config):
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
+def test_optimizer_follows_the_shared_schedule(tmp_path, shapes_dataset, micro_config):
+    """The MLX AdamW steps with schedule.lr_at (the numbers the torch trainer uses too)."""
+    from mlxflow.schedule import lr_at
+
+    ds, emb = shapes_dataset
+    seen = []
+    cfg = quick_train_config(steps=5, warmup_steps=3, ckpt_every=0)
+    out = train(tmp_path / "run", ds, micro_config, cfg, family="emoji", embeddings=emb, on_step=seen.append)
+    assert [s.lr for s in seen] == [lr_at(i, cfg) for i in range(5)]
+    opt = load_checkpoint(out["checkpoint"], with_optimizer=True).optimizer
+    assert float(opt["learning_rate"]) == np.float32(lr_at(4, cfg)) and int(opt["step"]) == 5
+
+
+def test_compiled_step_reads_the_learning_rate_it_is_given(micro_config):
+    """The trainer sets the lr before each compiled step; a traced constant would ignore it."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from mlxflow.config import TrainConfig
+    from mlxflow.models import build_model
+    from mlxflow.train import make_optimizer, make_train_step, step_key
+
+    cfg = TrainConfig(batch_size=2, lr=1e-2, ema_decay=0.9)
+    model, ema = build_model("emoji", micro_config), build_model("emoji", micro_config)
+    opt = make_optimizer(cfg)
+    opt.init(model.trainable_parameters())
+    step = make_train_step(model, ema, opt, cfg)
+    images, text = mx.random.uniform(-1, 1, (1, 2, 16, 16, 3)), mx.random.normal((1, 2, 1, 8))
+
+    def weights():
+        return np.concatenate([np.array(v).ravel() for _, v in tree_flatten(model.parameters())])
+
+    changes, before = [], None
+    for i, lr in enumerate((1e-2, 0.0, 1e-2)):
+        opt.learning_rate = mx.array(lr)
+        mx.eval(step(images, text, step_key(0, i)), model.state, opt.state)
+        after = weights()
+        changes.append(None if before is None else float(np.abs(after - before).max()))
+        before = after
+    assert changes[1] == 0.0 and changes[2] > 1e-3
+
+
 def test_grad_accumulation_matches_effective_batch_shape(tmp_path, shapes_dataset, micro_config):
     ds, emb = shapes_dataset
     out = train(tmp_path / "acc", ds, micro_config, quick_train_config(steps=2, batch_size=4, grad_accum=2), family="emoji",
