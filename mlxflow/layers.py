@@ -117,3 +117,59 @@ def upsample_nearest_2x(x: mx.array) -> mx.array:
     B, H, W, C = x.shape
     x = mx.broadcast_to(x[:, :, None, :, None, :], (B, H, 2, W, 2, C))
     return x.reshape(B, 2 * H, 2 * W, C)
+
+
+# --- 2-D positions for patch transformers (JiT) ----------------------------------------
+# Tables are computed in float64 numpy, so both twins start from bit-identical values.
+
+
+def _sincos_1d(dim: int, pos):
+    import numpy as np
+
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2))
+    out = pos.reshape(-1)[:, None].astype(np.float64) * omega[None]
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def sincos_position_embedding_2d(dim: int, grid_h: int, grid_w: int) -> mx.array:
+    """Fixed (grid_h*grid_w, dim) embedding of patch positions, tokens in row-major order.
+
+    The first dim/2 channels encode the column, the last dim/2 the row, each as
+    [sin | cos] at dim/4 geometric frequencies (the MAE / DiT table).
+    """
+    import numpy as np
+
+    if dim % 4:
+        raise ValueError(f"2-D sin-cos embedding needs dim divisible by 4, got {dim}")
+    rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
+    emb = np.concatenate([_sincos_1d(dim // 2, cols), _sincos_1d(dim // 2, rows)], axis=1)
+    return mx.array(emb.astype(np.float32))
+
+
+def axial_rope_2d(head_dim: int, grid_h: int, grid_w: int, prefix: int = 0,
+                  theta: float = 10000.0) -> tuple[mx.array, mx.array]:
+    """(cos, sin) tables, each (prefix + grid_h*grid_w, head_dim), for `apply_rope`.
+
+    Channel pairs (2i, 2i+1) of the first head_dim/2 channels rotate with the token's
+    row, those of the last head_dim/2 with its column, at head_dim/4 frequencies per
+    axis. The first `prefix` rows are the identity rotation (cos 1, sin 0): tokens
+    without an image position (JiT's in-context tokens) pass through unrotated.
+    """
+    import numpy as np
+
+    if head_dim % 4:
+        raise ValueError(f"2-D axial RoPE needs head_dim divisible by 4, got {head_dim}")
+    freqs = 1.0 / theta ** (np.arange(head_dim // 4, dtype=np.float64) / (head_dim // 4))
+    rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
+    ang = np.concatenate([rows.reshape(-1, 1) * freqs, cols.reshape(-1, 1) * freqs], axis=1)
+    ang = np.repeat(ang, 2, axis=1)  # one angle per channel pair
+    cos = np.concatenate([np.ones((prefix, head_dim)), np.cos(ang)]).astype(np.float32)
+    sin = np.concatenate([np.zeros((prefix, head_dim)), np.sin(ang)]).astype(np.float32)
+    return mx.array(cos), mx.array(sin)
+
+
+def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """Rotate channel pairs of x (B, heads, N, head_dim) by (N, head_dim) cos/sin tables."""
+    pairs = x.reshape(*x.shape[:-1], -1, 2)
+    rotated = mx.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+    return x * cos + rotated * sin

@@ -116,3 +116,60 @@ def group_norm(groups: int, channels: int) -> nn.GroupNorm:
 def upsample_nearest_2x(x: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, C, 2H, 2W), each pixel repeated; the op MLX's broadcast+reshape mirrors."""
     return F.interpolate(x, scale_factor=2.0, mode="nearest")
+
+
+# --- 2-D positions for patch transformers (JiT) ----------------------------------------
+# Tables are computed in float64 numpy (the same code as the MLX file), so both twins
+# start from bit-identical values.
+
+
+def _sincos_1d(dim: int, pos):
+    import numpy as np
+
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2))
+    out = pos.reshape(-1)[:, None].astype(np.float64) * omega[None]
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def sincos_position_embedding_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
+    """Fixed (grid_h*grid_w, dim) embedding of patch positions, tokens in row-major order.
+
+    The first dim/2 channels encode the column, the last dim/2 the row, each as
+    [sin | cos] at dim/4 geometric frequencies (the MAE / DiT table).
+    """
+    import numpy as np
+
+    if dim % 4:
+        raise ValueError(f"2-D sin-cos embedding needs dim divisible by 4, got {dim}")
+    rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
+    emb = np.concatenate([_sincos_1d(dim // 2, cols), _sincos_1d(dim // 2, rows)], axis=1)
+    return torch.from_numpy(emb.astype(np.float32))
+
+
+def axial_rope_2d(head_dim: int, grid_h: int, grid_w: int, prefix: int = 0,
+                  theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) tables, each (prefix + grid_h*grid_w, head_dim), for `apply_rope`.
+
+    Channel pairs (2i, 2i+1) of the first head_dim/2 channels rotate with the token's
+    row, those of the last head_dim/2 with its column, at head_dim/4 frequencies per
+    axis. The first `prefix` rows are the identity rotation (cos 1, sin 0): tokens
+    without an image position (JiT's in-context tokens) pass through unrotated.
+    """
+    import numpy as np
+
+    if head_dim % 4:
+        raise ValueError(f"2-D axial RoPE needs head_dim divisible by 4, got {head_dim}")
+    freqs = 1.0 / theta ** (np.arange(head_dim // 4, dtype=np.float64) / (head_dim // 4))
+    rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
+    ang = np.concatenate([rows.reshape(-1, 1) * freqs, cols.reshape(-1, 1) * freqs], axis=1)
+    ang = np.repeat(ang, 2, axis=1)  # one angle per channel pair
+    cos = np.concatenate([np.ones((prefix, head_dim)), np.cos(ang)]).astype(np.float32)
+    sin = np.concatenate([np.zeros((prefix, head_dim)), np.sin(ang)]).astype(np.float32)
+    return torch.from_numpy(cos), torch.from_numpy(sin)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs of x (B, heads, N, head_dim) by (N, head_dim) cos/sin tables."""
+    pairs = x.reshape(*x.shape[:-1], -1, 2)
+    rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).reshape(x.shape)
+    return x * cos + rotated * sin
