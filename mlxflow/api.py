@@ -225,3 +225,40 @@ def bench_mlx(family: str, preset: str | None, batch_size: int = 32, steps: int 
     return {"framework": "mlx", "device": str(mx.default_device()), "img_per_s": batch_size * steps / elapsed,
             "peak_mem_mb": mx.get_peak_memory() / 2**20, "params": sum(v.size for _, v in tree_flatten(model.parameters())),
             "blas": blas_status(), "batch_size": batch_size, "preset": preset or fam.default_preset}
+
+
+def checkpoint_info(ckpt, *, examples: int = 8) -> dict:
+    """What a front end shows beside a checkpoint, read without building the model.
+
+    {"path", "family", "preset", "step", "framework", "text_encoder", "conditioning"
+    ("text" | "class" | "none"), "classes" (class names, class-conditional only),
+    "image_size", "examples" (up to `examples` training captions, spread over the set;
+    empty when the training data is not on this machine)}.
+    """
+    from .checkpoint import resolve_checkpoint
+    from .families import get_family
+
+    path = resolve_checkpoint(ckpt)
+    try:
+        config = json.loads((path / "config.json").read_text())
+        state = json.loads((path / "state.json").read_text())
+        fam = get_family(config["family"])
+    except (OSError, ValueError, KeyError) as e:
+        raise MlxflowError(f"{path} is not a readable mlxflow checkpoint ({e})") from None
+    model = config.get("model", {})
+    kind = model.get("conditioning", fam.conditioning)
+    names: list[str] = []
+    data = state.get("dataset")
+    if data and (Path(data) / "captions.json").is_file():
+        try:
+            names = [c["text"] if isinstance(c, dict) else str(c)
+                     for c in json.loads((Path(data) / "captions.json").read_text(encoding="utf-8"))]
+        except (OSError, ValueError, KeyError, TypeError):
+            names = []
+    classes = list(dict.fromkeys(names)) if kind == "class" else []
+    picks = np.linspace(0, len(names) - 1, min(examples, len(names))).astype(int) if names else []
+    return {"path": str(path), "family": fam.name, "preset": config.get("train", {}).get("preset", ""),
+            "step": int(state.get("step", 0)), "framework": config.get("framework", "mlx"),
+            "text_encoder": config.get("text_encoder", ""), "conditioning": kind, "classes": classes,
+            "image_size": int(model.get("image_size", 0)),
+            "examples": list(dict.fromkeys(names[i] for i in picks)) if kind == "text" else []}
