@@ -45,11 +45,19 @@ def cmd_data(args) -> int:
                                         overwrite=args.overwrite, skin_tones=not args.no_skin_tones, text_encoder=encoder, on_render=render, on_embed=embed)
         else:
             if not args.images:
-                raise SystemExit("mlxflow data folder: give --images DIR (a folder of images with a captions file)")
-            info = api.import_folder_data(args.images, args.out, size=args.size, captions=args.captions,
-                                          overwrite=args.overwrite, text_encoder=encoder, on_render=render,
-                                          on_embed=embed)
-    skipped = f", skipped {info.get('skipped', 0)} the font cannot draw" if args.source == "emoji" else ""
+                raise SystemExit(f"mlxflow data {args.source}: give --images DIR")
+            if args.source == "classes":
+                info = api.import_class_data(args.images, args.out, size=args.size, overwrite=args.overwrite,
+                                             on_render=render)
+            else:
+                info = api.import_folder_data(args.images, args.out, size=args.size, captions=args.captions,
+                                              overwrite=args.overwrite, unconditional=args.unconditional,
+                                              text_encoder=None if args.unconditional else encoder,
+                                              on_render=render, on_embed=embed)
+    skipped = f", skipped {info.get('skipped', 0)} the font cannot draw" if args.source == "emoji" else \
+        f", skipped {info['skipped']} unreadable" if info.get("skipped") else ""
+    if info.get("classes"):
+        skipped += f"; {len(info['classes'])} classes"
     out.print(f"wrote {info['count']} images at {info['size']}x{info['size']} to {args.out}{skipped}")
     return 0
 
@@ -97,10 +105,16 @@ def cmd_train(args) -> int:
 def cmd_sample(args) -> int:
     from mlxflow import api
 
+    defaults = api.sampling_defaults(args.ckpt)
+    steps = args.steps or defaults["steps"]
+    solver = args.solver or defaults["solver"]
+    cfg = args.cfg if args.cfg is not None else defaults["cfg"]
+    interval = tuple(args.cfg_interval) if args.cfg_interval else defaults["cfg_interval"]
+    prompts = list(args.prompts) + [str(c) for c in (args.classes or [])]
     with _bar() as progress:
-        task = progress.add_task(f"sample ({args.solver})", total=args.steps)
-        path = api.sample(args.ckpt, args.prompts, args.output, n=args.n, steps=args.steps, solver=args.solver,
-                          cfg_scale=args.cfg, seed=args.seed, interval=tuple(args.cfg_interval) if args.cfg_interval else None,
+        task = progress.add_task(f"sample ({solver})", total=steps)
+        path = api.sample(args.ckpt, prompts, args.output, n=args.n, steps=steps, solver=solver,
+                          cfg_scale=cfg, seed=args.seed, interval=interval,
                           preview_dir=args.preview_dir, preview_every=args.preview_every,
                           on_step=lambda i, total: progress.update(task, completed=i))
     out.print(str(path))
@@ -209,17 +223,21 @@ def cmd_demo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from mlxflow.families import family_names
+    from mlxflow.solvers import SOLVERS
 
     p = argparse.ArgumentParser(prog="mlxflow", description="Flow-matching image generators in MLX.")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("data", help="build a dataset folder")
-    d.add_argument("source", choices=["emoji", "folder"], help="emoji: render the colour-emoji font; folder: your images")
+    d.add_argument("source", choices=["emoji", "folder", "classes"],
+                   help="emoji: render the colour-emoji font; folder: your images (+ captions); "
+                        "classes: one subfolder of images per class")
     d.add_argument("out", help="output dataset folder")
     d.add_argument("--size", type=int, default=64)
     d.add_argument("--font", help="colour emoji font file (default: the system's)")
     d.add_argument("--images", help="(folder) source folder of images")
     d.add_argument("--captions", help="(folder) captions file: filename<TAB>caption lines, or JSON")
+    d.add_argument("--unconditional", action="store_true", help="(folder) no captions: every image, no text")
     d.add_argument("--limit", type=int, help="only the first N emoji")
     d.add_argument("--no-skin-tones", action="store_true", help="(emoji) leave out the skin-tone variants")
     d.add_argument("--text-encoder", default="minilm", help="minilm | minilm:DIR | clip | clip:WEIGHTS")
@@ -249,12 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="generate images from a checkpoint")
     s.add_argument("ckpt", help="checkpoint folder, or run folder (its latest checkpoint)")
-    s.add_argument("prompts", nargs="+")
+    s.add_argument("prompts", nargs="*", help="text prompts (text-conditioned models)")
+    s.add_argument("--class", dest="classes", action="append", metavar="NAME|INDEX",
+                   help="class to draw (class-conditional models); repeat for more rows")
     s.add_argument("--output", required=True, help="grid PNG")
-    s.add_argument("--n", type=int, default=4, help="images per prompt")
-    s.add_argument("--steps", type=int, default=20)
-    s.add_argument("--solver", default="heun", choices=["euler", "heun", "midpoint", "rk4"])
-    s.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
+    s.add_argument("--n", type=int, default=4, help="images per prompt (or in all, for unconditional models)")
+    s.add_argument("--steps", type=int, help="solver steps (default: the family's)")
+    s.add_argument("--solver", choices=sorted(SOLVERS), help="ODE solver (default: the family's)")
+    s.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = off; default: the family's)")
     s.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LO", "HI"), help="apply CFG only for t in [LO, HI]")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--preview-dir", help="write a grid every --preview-every steps here")

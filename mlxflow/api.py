@@ -33,17 +33,28 @@ def build_emoji_data(out_dir, size: int = 64, font=None, limit: int | None = Non
 
 
 def import_folder_data(src_dir, out_dir, size: int = 64, captions=None, overwrite: bool = False,
-                       text_encoder: str | None = DEFAULT_TEXT_ENCODER,
+                       text_encoder: str | None = DEFAULT_TEXT_ENCODER, unconditional: bool = False,
                        on_render: Callable[[int, int], None] | None = None,
                        on_embed: Callable[[int, int], None] | None = None) -> dict:
-    """A folder of images + captions file -> dataset folder (with cached text embeddings)."""
+    """A folder of images + captions file (or no captions, `unconditional`) -> dataset folder.
+
+    Unreadable images are skipped and counted ("skipped", "skipped_files").
+    """
     from .data.folder import import_image_folder
 
     info = import_image_folder(src_dir, out_dir, size=size, captions=captions, on_progress=on_render,
-                               overwrite=overwrite)
-    if text_encoder:
+                               overwrite=overwrite, unconditional=unconditional)
+    if text_encoder and not unconditional:
         embed_dataset(out_dir, text_encoder, on_embed)
     return info
+
+
+def import_class_data(src_dir, out_dir, size: int = 64, overwrite: bool = False,
+                      on_render: Callable[[int, int], None] | None = None) -> dict:
+    """A folder with one subfolder of images per class -> class-labelled dataset folder."""
+    from .data.classes import import_class_folder
+
+    return import_class_folder(src_dir, out_dir, size=size, on_progress=on_render, overwrite=overwrite)
 
 
 def embed_dataset(data_dir, text_encoder: str = DEFAULT_TEXT_ENCODER, on_progress=None) -> np.ndarray:
@@ -61,9 +72,10 @@ def train_model(family: str, data_dir, out_dir, *, preset: str | None = None, st
 
     Returns the trainer's TrainResult (checkpoint, losses, steps, interrupted, ...).
     """
+    from .conditioning import kind_of
     from .data.dataset import ImageTextDataset
     from .families import get_family
-    from .models.text import load_text_encoder
+    from .trainer import condition_table
 
     fam = get_family(family)
     mcfg = fam.model_config(preset, **(model_overrides or {}))
@@ -79,24 +91,28 @@ def train_model(family: str, data_dir, out_dir, *, preset: str | None = None, st
                 text_encoder = json.loads(config.read_text()).get("text_encoder", text_encoder)
         except (MlxflowError, ValueError, OSError):
             pass  # the trainer reports the precise problem
-    embeddings = dataset.text_embeddings(load_text_encoder(text_encoder))
 
     # A fixed, spread-out set of training prompts for the periodic grids.
     picks = np.linspace(0, len(dataset) - 1, min(sample_prompts, len(dataset))).astype(int)
     samples_dir = Path(out_dir) / "samples"
+    tables: dict = {}
 
     def write_samples(step, ema_weights, model_config):
         from .models import load_weights_into
         from .sample import save_png
 
+        kind = kind_of(fam, model_config)
+        if kind not in tables:  # the run's conditions (text embeddings are cached on disk)
+            tables[kind] = condition_table(kind, dataset, text_encoder)
         model = fam.build(model_config, "mlx")
         load_weights_into(model, ema_weights, "EMA weights")
-        grid = sample_grid(model, embeddings[picks], steps=tcfg.sample_steps, cfg_scale=tcfg.sample_cfg, seed=0)
+        grid = sample_grid(model, tables[kind][picks], steps=tcfg.sample_steps, cfg_scale=tcfg.sample_cfg, seed=0,
+                           noise_scale=tcfg.noise_scale)
         path = save_png(grid, samples_dir / f"step-{step:07d}.png")
         if on_sample:
             on_sample(step, path)
 
-    kwargs = dict(family=family, text_encoder=text_encoder, resume=resume, embeddings=embeddings, on_step=on_step,
+    kwargs = dict(family=family, text_encoder=text_encoder, resume=resume, embeddings=None, on_step=on_step,
                   on_checkpoint=on_checkpoint, on_sample=write_samples if sample_prompts else None,
                   on_message=on_message)
     if framework == "mlx":
@@ -119,11 +135,12 @@ def decode_images(model, x) -> np.ndarray:
 
 
 def sample_grid(model, embeddings: np.ndarray, *, steps: int = 20, solver: str = "heun", cfg_scale: float = 3.0,
-                seed: int = 0, ncols: int | None = None):
+                seed: int = 0, ncols: int | None = None, noise_scale: float = 1.0):
+    """A grid of one sample per condition (text embeddings, class labels or placeholders)."""
     from .sample import make_grid, sample_steps
 
     *_, (_, _, x) = sample_steps(model, mx.array(embeddings), steps=steps, solver=solver, cfg_scale=cfg_scale,
-                                 seed=seed)
+                                 seed=seed, noise_scale=noise_scale)
     return make_grid(decode_images(model, x), ncols=ncols, scale=2)
 
 
@@ -200,6 +217,7 @@ def bench_mlx(family: str, preset: str | None, batch_size: int = 32, steps: int 
     from mlx.utils import tree_flatten
 
     from .blas import blas_status
+    from .conditioning import kind_of, random_table
     from .config import TrainConfig
     from .families import get_family
     from .train import make_optimizer, make_train_step, step_key
@@ -211,9 +229,9 @@ def bench_mlx(family: str, preset: str | None, batch_size: int = 32, steps: int 
     model, ema = fam.build(mcfg, "mlx"), fam.build(mcfg, "mlx")
     opt = make_optimizer(tcfg)
     opt.init(model.trainable_parameters())
-    step = make_train_step(model, ema, opt, tcfg, fam.prediction)
+    step = make_train_step(model, ema, opt, tcfg, fam)
     images = mx.random.uniform(-1, 1, (1, batch_size, *fam.network_shape(mcfg)))
-    text = mx.random.normal((1, batch_size, mcfg.text_tokens, mcfg.text_dim))
+    text = mx.array(random_table(kind_of(fam, mcfg), batch_size, mcfg, np.random.default_rng(0))[None])
     mx.eval(images, text, model.parameters(), ema.parameters(), opt.state)
     for i in range(warmup):
         mx.eval(step(images, text, step_key(0, i)), model.state, opt.state, ema.state)
@@ -262,3 +280,10 @@ def checkpoint_info(ckpt, *, examples: int = 8) -> dict:
             "text_encoder": config.get("text_encoder", ""), "conditioning": kind, "classes": classes,
             "image_size": int(model.get("image_size", 0)),
             "examples": list(dict.fromkeys(names[i] for i in picks)) if kind == "text" else []}
+
+
+def sampling_defaults(ckpt) -> dict:
+    """The family's sampling defaults for a checkpoint: {"steps", "solver", "cfg", "cfg_interval"}."""
+    from .families import get_family
+
+    return dict(get_family(checkpoint_info(ckpt, examples=0)["family"]).sample_defaults)

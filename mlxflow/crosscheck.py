@@ -171,14 +171,29 @@ def _prediction(model_config) -> str:
     return family_of(model_config).prediction
 
 
+def _kind(model_config) -> str:
+    from .conditioning import kind_of
+    from .families import family_of
+
+    return kind_of(family_of(model_config), model_config)
+
+
+def _cond(kind: str, a):
+    """The network's third argument from a condition array (None for unconditional models)."""
+    from .conditioning import network_input
+
+    return network_input(kind, a)
+
+
 def make_inputs(model_config, batch: int, seed: int) -> dict[str, np.ndarray]:
-    """numpy inputs in MLX layout: x (B,H,W,C) noise-like, t (B,) in (0,1), text (B,L,D)."""
+    """numpy inputs in MLX layout: x (B,H,W,C) noise-like, t (B,) in (0,1), text: the model's
+    kind of condition ((B,L,D) embeddings, (B,) labels or placeholders)."""
+    from .conditioning import random_table
+
     rng = np.random.default_rng(seed)
-    return {
-        "x": rng.standard_normal((batch, *_network_shape(model_config))).astype(np.float32),
-        "t": rng.uniform(0.02, 0.98, size=batch).astype(np.float32),
-        "text": rng.standard_normal((batch, model_config.text_tokens, model_config.text_dim)).astype(np.float32),
-    }
+    x = rng.standard_normal((batch, *_network_shape(model_config))).astype(np.float32)
+    t = rng.uniform(0.02, 0.98, size=batch).astype(np.float32)
+    return {"x": x, "t": t, "text": random_table(_kind(model_config), batch, model_config, rng)}
 
 
 # --- the three comparisons ----------------------------------------------------------
@@ -192,11 +207,12 @@ def compare_forward(mlx_model, torch_model, inputs: dict, *, tol: float, device:
     names = probe_points(mlx_model.config)
     m_store, t_store = {}, {}
     with _mlx_taps(mlx_model, names, m_store):
-        out_m = mlx_model(mx.array(inputs["x"]), mx.array(inputs["t"]), mx.array(inputs["text"]))
+        kind = _kind(mlx_model.config)
+        out_m = mlx_model(mx.array(inputs["x"]), mx.array(inputs["t"]), _cond(kind, mx.array(inputs["text"])))
         mx.eval(out_m, m_store)
     with _torch_taps(torch_model, names, t_store), torch.no_grad():
         out_t = torch_model(torch.from_numpy(_nchw(inputs["x"])).to(device), torch.from_numpy(inputs["t"]).to(device),
-                            torch.from_numpy(inputs["text"]).to(device))
+                            _cond(kind, torch.from_numpy(inputs["text"]).to(device)))
     rows = [compare(f"block {n}", _nchw(np.array(m_store[n])), t_store[n].cpu().numpy(), tol, "rel") for n in names]
     rows.append(compare("forward output", _nchw(np.array(out_m)), out_t.cpu().numpy(), tol))
     return rows
@@ -209,12 +225,16 @@ def compare_trajectory(mlx_model, torch_model, model_config, *, batch: int, step
 
     torch = _torch_setup(device)
     inp = make_inputs(model_config, batch, seed + 1)
-    uncond = np.zeros_like(inp["text"])  # the unconditional branch is the zeroed embedding
+    from .conditioning import unconditional
+
+    kind = _kind(model_config)
+    uncond = unconditional(kind, inp["text"], model_config)  # what condition dropout trains
     prediction = _prediction(model_config)  # both sides turn the output into a velocity the same way
+    cfg_scale = 1.0 if kind == "none" else cfg_scale
 
     def mlx_fn(x, t, text):
         tt = mx.full((x.shape[0],), t, dtype=mx.float32)
-        return to_velocity(prediction, mlx_model(x, tt, text), x, tt)
+        return to_velocity(prediction, mlx_model(x, tt, _cond(kind, text)), x, tt)
 
     x = mx.array(inp["x"])
     for _, _, x in integrate(guided(mlx_fn, mx.array(inp["text"]), mx.array(uncond), cfg_scale), x, steps, solver):
@@ -223,7 +243,7 @@ def compare_trajectory(mlx_model, torch_model, model_config, *, batch: int, step
 
     def torch_fn(x, t, text):
         tt = torch.full((x.shape[0],), t, dtype=torch.float32, device=device)
-        return to_velocity(prediction, torch_model(x, tt, text), x, tt)
+        return to_velocity(prediction, torch_model(x, tt, _cond(kind, text)), x, tt)
 
     def tt(a):
         return torch.from_numpy(a).to(device)
@@ -302,15 +322,18 @@ def compare_train_step(mlx_model, torch_model, model_config, train_config: Train
     x1 = np.tanh(rng.standard_normal(shape)).astype(np.float32)  # image-like, in (-1, 1)
     x0 = rng.standard_normal(shape).astype(np.float32)
     t = rng.uniform(0.0, 1.0, size=batch).astype(np.float32)
-    text = rng.standard_normal((batch, model_config.text_tokens, model_config.text_dim)).astype(np.float32)
-    if batch > 1:
-        text[-1] = 0.0  # condition dropout already applied: the last sample is unconditional
+    from .conditioning import random_table, unconditional
+
+    kind = _kind(model_config)
+    text = random_table(kind, batch, model_config, rng)
+    if batch > 1:  # condition dropout already applied: the last sample is unconditional
+        text[-1] = unconditional(kind, text[-1:], model_config)[0]
     lr = float(train_config.lr)
 
     # Loss and gradients on each side.
     before = {k: np.array(v) for k, v in tree_flatten(mlx_model.parameters())}
     value_and_grad = mnn.value_and_grad(mlx_model, lambda *a: mlx_loss(mlx_model, *a, prediction))
-    loss_m, grads_m = value_and_grad(mx.array(x1), mx.array(x0), mx.array(t), mx.array(text))
+    loss_m, grads_m = value_and_grad(mx.array(x1), mx.array(x0), mx.array(t), _cond(kind, mx.array(text)))
     mx.eval(loss_m, grads_m)
     g_m = {k: np.array(v) for k, v in tree_flatten(grads_m)}
 
@@ -321,7 +344,7 @@ def compare_train_step(mlx_model, torch_model, model_config, train_config: Train
     def tt(a, image=False):
         return torch.from_numpy(_nchw(a) if image else a).to(device)
 
-    loss_t = torch_loss(torch_model, tt(x1, True), tt(x0, True), tt(t), tt(text), prediction)
+    loss_t = torch_loss(torch_model, tt(x1, True), tt(x0, True), tt(t), _cond(kind, tt(text)), prediction)
     loss_t.backward()
     grads_t = {k: p.grad.detach().clone() for k, p in torch_model.named_parameters()}
     torch_model.zero_grad(set_to_none=True)

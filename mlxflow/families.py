@@ -27,7 +27,7 @@ from .codecs import Codec, get_codec
 from .errors import MlxflowError
 
 PREDICTIONS = ("velocity", "x")
-CONDITIONINGS = ("text", "none")
+CONDITIONINGS = ("text", "class", "none")
 
 
 @dataclass(frozen=True)
@@ -40,12 +40,16 @@ class Family:
     torch_model: str | type
     prediction: str = "velocity"
     codec: str = "pixels"
-    conditioning: str = "text"
+    conditioning: str = "text"  # a config with a `conditioning` field chooses its own (JiT)
     # model config -> names of submodules whose outputs crosscheck compares, in execution order
     probe_points: Callable[[object], list[str]] = field(default=lambda cfg: [])
     coreml: bool = False  # `mlxflow export coreml` supports it
     default_preset: str = "default"
     description: str = ""
+    # Sampling defaults a user gets without flags: steps, solver, cfg, cfg_interval.
+    sample_defaults: dict = field(default_factory=lambda: dict(steps=20, solver="heun", cfg=3.0, cfg_interval=None))
+    # model config -> forward FLOPs of one image (2 x multiply-adds of its matmuls); None: unknown
+    flops_per_image: Callable[[object], float] | None = None
 
     def __post_init__(self):
         if self.prediction not in PREDICTIONS:
@@ -151,4 +155,23 @@ def _register_builtin() -> None:
         description="pixel-space U-Net for 64x64 emoji, conditioned on frozen text embeddings"))
 
 
+def _jit_probe_points(cfg) -> list[str]:
+    return ["time_embed", "patch_embed", *[f"blocks.{i}" for i in range(cfg.depth)], "final_layer"]
+
+
+def _register_jit() -> None:
+    from .config import JIT_PRESETS, JIT_TRAIN_PRESETS, JiTConfig, jit_flops_per_image
+
+    register(Family(
+        name="jit", config_class=JiTConfig, model_presets=JIT_PRESETS, train_presets=JIT_TRAIN_PRESETS,
+        mlx_model="mlxflow.models.jit:JiT", torch_model="mlxflow.torch_ref.jit:JiT",
+        prediction="x", codec="pixels", conditioning="text", probe_points=_jit_probe_points,
+        coreml=False, default_preset="tiny", flops_per_image=jit_flops_per_image,
+        # The paper's sampler: Heun with an Euler last step (t = 1 is never evaluated),
+        # CFG only for 0.1 < t < 1.
+        sample_defaults=dict(steps=50, solver="heun_euler_last", cfg=2.5, cfg_interval=(0.1, 1.0)),
+        description="pixel-space ViT predicting the clean image (Back to Basics, seed 003)"))
+
+
 _register_builtin()
+_register_jit()

@@ -21,27 +21,34 @@ from .solvers import EVALS_PER_STEP, guided, integrate
 
 def sample_steps(model, text: mx.array, *, steps: int = 20, solver: str = "heun", cfg_scale: float = 1.0,
                  seed: int = 0, interval: tuple[float, float] | None = None, shift: float = 1.0,
-                 noise: mx.array | None = None, family=None) -> Iterator[tuple[int, float, mx.array]]:
-    """Integrate from noise to the network's space for a batch of text embeddings (N,L,D).
+                 noise: mx.array | None = None, noise_scale: float = 1.0,
+                 family=None) -> Iterator[tuple[int, float, mx.array]]:
+    """Integrate from noise to the network's space for a batch of conditions.
 
-    The network's output becomes a velocity through flow.to_velocity, as its family says
-    (`family` defaults to the registered family of `model.config`). The unconditional
-    branch for CFG is the zero embedding (what condition dropout trains).
+    `text` holds one condition per sample, of the model's kind (mlxflow.conditioning):
+    text embeddings (N,L,D), class labels (N,), or placeholders (N,) for an unconditional
+    model. The network's output becomes a velocity through flow.to_velocity, as its family
+    says (`family` defaults to the registered family of `model.config`). The unconditional
+    branch of CFG is what condition dropout trains: the zero embedding or the null class.
     Yields (i, t, x) with x (N,H,W,C) evaluated, in the network's space (decode with the
     family's codec for images).
     """
+    from .conditioning import kind_of, network_input, unconditional
     from .families import family_of
 
     fam = family or family_of(model.config)
+    kind = kind_of(fam, model.config)
     n = text.shape[0]
     if noise is None:
-        noise = mx.random.normal((n, *fam.network_shape(model.config)), key=mx.random.key(seed))
-    forward = mx.compile(lambda x, t, c: to_velocity(fam.prediction, model(x, t, c), x, t))
+        noise = noise_scale * mx.random.normal((n, *fam.network_shape(model.config)), key=mx.random.key(seed))
+    forward = mx.compile(lambda x, t, c: to_velocity(fam.prediction, model(x, t, network_input(kind, c)), x, t))
 
     def model_fn(x, t: float, c):
         return forward(x, mx.full((x.shape[0],), t, dtype=mx.float32), c)
 
-    velocity = guided(model_fn, text, mx.zeros_like(text), cfg_scale, interval)
+    if kind == "none":
+        cfg_scale = 1.0  # nothing to guide by
+    velocity = guided(model_fn, text, unconditional(kind, text, model.config), cfg_scale, interval)
     for i, t, x in integrate(velocity, noise, steps, solver, shift):
         mx.eval(x)
         yield i, t, x
@@ -86,23 +93,62 @@ def embed_prompts(prompts: list[str], encoder_spec: str) -> np.ndarray:
     return load_text_encoder(encoder_spec).encode(list(prompts))
 
 
+def conditions_for(ckpt, prompts: list[str], *, embeddings: np.ndarray | None = None) -> np.ndarray:
+    """One condition per prompt, of the checkpoint's kind (mlxflow.conditioning).
+
+    text: prompts are free text, embedded with the checkpoint's encoder (or `embeddings`).
+    class: each prompt is a class name the run trained on, or its index.
+    none: prompts must be empty; one unconditional row.
+    """
+    from .conditioning import check_table, kind_of
+    from .families import get_family
+
+    cfg = ckpt.model_config
+    kind = kind_of(get_family(ckpt.family), cfg)
+    if kind == "text":
+        table = embeddings if embeddings is not None else embed_prompts(prompts, ckpt.text_encoder)
+        if np.asarray(table).shape[1:] != (cfg.text_tokens, cfg.text_dim):
+            raise MlxflowError(f"prompt embeddings {np.asarray(table).shape[1:]} do not fit the checkpoint's "
+                               f"text input {(cfg.text_tokens, cfg.text_dim)}")
+        return np.asarray(table, np.float32)
+    if kind == "class":
+        names = list(ckpt.state.get("classes") or [])
+        if not prompts:
+            raise MlxflowError(f"name at least one class (--class NAME or index; known: {', '.join(names[:8]) or '0..'}"
+                               f"{'...' if len(names) > 8 else ''})")
+        labels = []
+        for p in prompts:
+            p = str(p).strip()
+            if p in names:
+                labels.append(names.index(p))
+            elif p.lstrip("-").isdigit():
+                labels.append(int(p))
+            else:
+                raise MlxflowError(f"unknown class '{p}' (known: {', '.join(names[:8])}{'...' if len(names) > 8 else ''})")
+        table = np.asarray(labels, np.int32)
+        check_table(kind, table, cfg, len(table))
+        return table
+    if prompts:
+        raise MlxflowError("this checkpoint is unconditional: give no prompt (use --n for the number of images)")
+    return np.zeros(1, np.int32)
+
+
 def generate(ckpt_path, prompts: list[str], *, n: int = 1, steps: int = 20, solver: str = "heun",
              cfg_scale: float = 3.0, seed: int = 0, interval=None, embeddings: np.ndarray | None = None):
     """Yields (i, t, x) for n samples of every prompt (prompt-major order); see sample_steps.
 
-    Returns (model, ckpt, generator) so the caller knows the total before iterating.
+    Prompts are text, class names/indices, or nothing, as the checkpoint is conditioned
+    (see conditions_for). Returns (model, ckpt, generator) so the caller knows the total
+    before iterating.
     """
     model, ckpt = load_model(ckpt_path)
-    emb = embeddings if embeddings is not None else embed_prompts(prompts, ckpt.text_encoder)
-    cfg = ckpt.model_config
-    if emb.shape[1:] != (cfg.text_tokens, cfg.text_dim):
-        raise MlxflowError(f"prompt embeddings {emb.shape[1:]} do not fit the checkpoint's text input "
-                           f"{(cfg.text_tokens, cfg.text_dim)}")
-    text = mx.array(np.repeat(np.asarray(emb, np.float32), n, axis=0))
-    gen = sample_steps(model, text, steps=steps, solver=solver, cfg_scale=cfg_scale, seed=seed, interval=interval)
+    table = conditions_for(ckpt, prompts, embeddings=embeddings)
+    cond = mx.array(np.repeat(table, n, axis=0))
+    gen = sample_steps(model, cond, steps=steps, solver=solver, cfg_scale=cfg_scale, seed=seed, interval=interval,
+                       noise_scale=ckpt.train_config.noise_scale)
     return model, ckpt, gen
 
 
 def model_evals(steps: int, solver: str, cfg_scale: float) -> int:
     """Network evaluations a run costs (CFG doubles the batch, not the count)."""
-    return steps * EVALS_PER_STEP[solver]
+    return steps * EVALS_PER_STEP[solver] - (1 if solver == "heun_euler_last" else 0)

@@ -22,7 +22,9 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from .conditioning import drop, kind_of, network_input
 from .config import TrainConfig
+from .families import family_of
 from .flow import interpolate, sample_time, to_velocity, velocity_target
 from .models import load_weights_into
 from .trainer import RunPlan, StepInfo, TrainResult, prepare_run, run_lock, run_training
@@ -30,9 +32,10 @@ from .trainer import RunPlan, StepInfo, TrainResult, prepare_run, run_lock, run_
 __all__ = ["train", "flow_matching_loss", "make_optimizer", "make_train_step", "step_key", "StepInfo"]
 
 
-def flow_matching_loss(model, x1: mx.array, x0: mx.array, t: mx.array, text: mx.array,
+def flow_matching_loss(model, x1: mx.array, x0: mx.array, t: mx.array, text,
                        prediction: str = "velocity") -> mx.array:
-    """Velocity-space MSE. x1 data, x0 noise (B,H,W,C); t (B,); text (B,L,D), already dropped out."""
+    """Velocity-space MSE. x1 data, x0 noise (B,H,W,C); t (B,); text: the condition, already
+    dropped out ((B,L,D) embeddings, (B,) labels, or None)."""
     x_t = interpolate(x0, x1, t)
     pred = to_velocity(prediction, model(x_t, t, text), x_t, t)
     return mx.mean(mx.square(pred.astype(mx.float32) - velocity_target(x0, x1)))
@@ -52,16 +55,22 @@ def make_optimizer(cfg: TrainConfig, lr: float | None = None) -> optim.AdamW:
                        weight_decay=cfg.weight_decay, bias_correction=True)
 
 
-def make_train_step(model, ema, optimizer, cfg: TrainConfig, prediction: str = "velocity"):
-    """The compiled optimizer step: (images (A,B,H,W,C), text (A,B,L,D), key) -> (loss, grad_norm)."""
+def make_train_step(model, ema, optimizer, cfg: TrainConfig, family=None):
+    """The compiled optimizer step: (images (A,B,H,W,C), cond (A,B,...), key) -> (loss, grad_norm).
+
+    `family` (default: the one of model.config) says what the network predicts and what it
+    is conditioned on (see mlxflow.conditioning); cond is the per-sample table's rows.
+    """
+    fam = family or family_of(model.config)
+    kind, mcfg = kind_of(fam, model.config), model.config
     state = [model.state, optimizer.state, ema.state]
     compute_dtype = mx.bfloat16 if cfg.bf16 else mx.float32
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
 
-    def loss_fn(params, x1, x0, t, txt):
+    def loss_fn(params, x1, x0, t, cond):
         # Mixed precision: fp32 master weights, the forward/backward in compute_dtype.
         model.update(tree_map(lambda p: p.astype(compute_dtype), params))
-        return flow_matching_loss(model, x1, x0, t, txt, prediction)
+        return flow_matching_loss(model, x1, x0, t, network_input(kind, cond), fam.prediction)
 
     value_and_grad = mx.value_and_grad(loss_fn)
 
@@ -74,13 +83,14 @@ def make_train_step(model, ema, optimizer, cfg: TrainConfig, prediction: str = "
             k_noise, k_t, k_drop = mx.random.split(keys[a], 3)
             x1 = images[a].astype(compute_dtype)
             b = x1.shape[0]
-            x0 = mx.random.normal(x1.shape, dtype=compute_dtype, key=k_noise)
+            x0 = cfg.noise_scale * mx.random.normal(x1.shape, dtype=compute_dtype, key=k_noise)
             t = sample_time(cfg.time_sampler, lambda n: mx.random.uniform(shape=(n,), key=k_t),
                             lambda n: mx.random.normal((n,), key=k_t), b, cfg.t_mean, cfg.t_std, cfg.t_shift)
             keep = mx.random.uniform(shape=(b,), key=k_drop) >= cfg.cond_dropout
-            txt = (text[a] * keep[:, None, None]).astype(compute_dtype)
+            cond = drop(kind, text[a], keep, mcfg)
+            cond = cond.astype(compute_dtype) if kind == "text" else cond
             params = model.trainable_parameters()
-            loss, g = value_and_grad(params, x1, x0, t.astype(compute_dtype), txt)
+            loss, g = value_and_grad(params, x1, x0, t.astype(compute_dtype), cond)
             model.update(params)
             total_loss = total_loss + loss
             grads = g if grads is None else tree_map(mx.add, grads, g)
@@ -120,7 +130,7 @@ class MLXSession:
             load_weights_into(self.ema, ck.ema if ck.ema is not None else ck.weights, f"checkpoint {ck.path} (EMA)")
             self.optimizer.state = tree_unflatten([(k, mx.array(v)) for k, v in ck.optimizer.items()])
         mx.eval(self.model.parameters(), self.ema.parameters(), self.optimizer.state)
-        self.train_step = make_train_step(self.model, self.ema, self.optimizer, cfg, fam.prediction)
+        self.train_step = make_train_step(self.model, self.ema, self.optimizer, cfg, fam)
 
     def step(self, step: int, micro: list[dict], lr: float) -> tuple[float, float]:
         self.optimizer.learning_rate = mx.array(lr, mx.float32)

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .conditioning import drop, kind_of, network_input, random_table
 from .config import TrainConfig
 from .errors import MlxflowError
 from .families import get_family
@@ -41,9 +42,10 @@ from .trainer import RunPlan, TrainResult, prepare_run, run_lock, run_training
 
 # ----------------------------------------------------------------------------- loss and draws
 
-def flow_matching_loss(model, x1: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
+def flow_matching_loss(model, x1: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, text,
                        prediction: str = "velocity") -> torch.Tensor:
-    """Mean squared velocity error.  x1, x0: (B,C,H,W) NCHW; t: (B,); text: (B,L,D), already dropped out."""
+    """Mean squared velocity error.  x1, x0: (B,C,H,W) NCHW; t: (B,); text: the condition,
+    already dropped out ((B,L,D) embeddings, (B,) labels, or None)."""
     x_t = interpolate(x0, x1, t)
     pred = to_velocity(prediction, model(x_t, t, text), x_t, t)
     return F.mse_loss(pred.float(), velocity_target(x0, x1).float())
@@ -62,7 +64,7 @@ def _step_generator(seed: int, step: int, micro: int) -> torch.Generator:
 def draw_step_noise(cfg: TrainConfig, step: int, micro: int, batch: int, image_shape: tuple[int, int, int]):
     """(x0 (B,C,H,W), t (B,), keep (B,) float 0/1) for the GLOBAL batch of one micro-step."""
     g = _step_generator(cfg.seed, step, micro)
-    x0 = torch.randn((batch, *image_shape), generator=g)
+    x0 = cfg.noise_scale * torch.randn((batch, *image_shape), generator=g)
     t = sample_time(cfg.time_sampler,
                     lambda n: torch.rand(n, generator=g),
                     lambda n: torch.randn(n, generator=g),
@@ -168,6 +170,7 @@ class TorchSession:
         if cfg.batch_size % world:
             raise MlxflowError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({world})")
         self.cfg, self.family, self.mcfg = cfg, fam, mcfg
+        self.kind = kind_of(fam, mcfg)
         self.rank, self.world, self.device = rank, world, device
         local = cfg.batch_size // world
         self.rows = slice(rank * local, (rank + 1) * local)  # this rank's contiguous slice of the global batch
@@ -213,12 +216,13 @@ class TorchSession:
             x0, t, keep = draw_step_noise(cfg, step, micro, cfg.batch_size, self.image_shape)
             # NHWC -> NCHW (the torch twin's layout), then this rank's rows.
             x1 = torch.from_numpy(batch["image"][rows]).permute(0, 3, 1, 2).contiguous().to(dev)
-            text = torch.from_numpy(batch["text"][rows]).to(dev) * keep[rows, None, None].to(dev)
+            cond = drop(self.kind, torch.from_numpy(batch["text"][rows]).to(dev), keep[rows].to(dev) > 0, self.mcfg)
             x0, t = x0[rows].to(dev), t[rows].to(dev)
             # DDP all-reduces gradients only on the last micro-batch (no_sync on the others).
             sync = self.world == 1 or micro == len(micro_batches) - 1
             with (nullcontext() if sync else self.ddp_model.no_sync()), self.amp():
-                loss = flow_matching_loss(self.ddp_model, x1, x0, t, text, self.family.prediction) / len(micro_batches)
+                loss = flow_matching_loss(self.ddp_model, x1, x0, t, network_input(self.kind, cond),
+                                          self.family.prediction) / len(micro_batches)
             loss.backward()
             loss_sum += loss.detach()
         if self.world > 1:
@@ -302,7 +306,9 @@ def benchmark_torch(model_config, batch_size: int, *, family: str, steps: int = 
     x1 = torch.randn(batch_size, c, h, w, device=dev)
     x0 = torch.randn(batch_size, c, h, w, device=dev)
     t = torch.rand(batch_size, device=dev)
-    text = torch.randn(batch_size, model_config.text_tokens, model_config.text_dim, device=dev)
+    kind = kind_of(fam, model_config)
+    text = network_input(kind, torch.from_numpy(random_table(kind, batch_size, model_config,
+                                                             np.random.default_rng(0))).to(dev))
     amp = torch.autocast(device_type=dev.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     # Kernels run asynchronously on GPUs: wait for them before reading the clock.
     sync = {"cuda": torch.cuda.synchronize, "mps": lambda: torch.mps.synchronize()}.get(dev.type, lambda: None)

@@ -29,6 +29,7 @@ from typing import Callable
 import numpy as np
 
 from .checkpoint import Checkpoint, checkpoint_to_resume, list_checkpoints, save_checkpoint
+from .conditioning import check_table, kind_of
 from .config import TrainConfig
 from .errors import MlxflowError
 from .families import Family, get_family
@@ -57,7 +58,7 @@ class RunPlan:
     train_config: TrainConfig
     text_encoder: str
     dataset: object  # ImageTextDataset at the model's image size
-    embeddings: np.ndarray  # (N, L, D) float32 caption embeddings
+    embeddings: np.ndarray  # per-sample conditions (mlxflow.conditioning): (N, L, D) text or (N,) labels
     start_step: int = 0
     data_position: int = 0  # micro-batches consumed before start_step
     checkpoint: Checkpoint | None = None  # what we resume from
@@ -116,19 +117,19 @@ def prepare_run(run_dir, family: str, dataset, model_config, train_config: Train
 
     if not hasattr(dataset, "batches"):
         dataset = ImageTextDataset.load(dataset)
-    if embeddings is None:
-        from .models.text import load_text_encoder
-
-        embeddings = dataset.text_embeddings(load_text_encoder(text_encoder))
-    embeddings = np.asarray(embeddings, np.float32)
-    if embeddings.ndim != 3 or len(embeddings) != len(dataset):
-        raise MlxflowError(f"text embeddings {embeddings.shape} do not match the {len(dataset)} captions")
     if ckpt is None:
-        # A fresh model takes its text input shape from the encoder actually used.
-        model_config = replace(model_config, text_tokens=embeddings.shape[1], text_dim=embeddings.shape[2])
-    elif (model_config.text_tokens, model_config.text_dim) != embeddings.shape[1:]:
-        raise MlxflowError(f"text embeddings are {embeddings.shape[1:]} but the checkpoint expects "
-                           f"{(model_config.text_tokens, model_config.text_dim)} (a different text encoder?)")
+        model_config = fit_conditioning(fam, model_config, dataset, notes)
+    kind = kind_of(fam, model_config)
+    if embeddings is None:
+        embeddings = condition_table(kind, dataset, text_encoder)
+    embeddings = np.asarray(embeddings, np.float32 if kind == "text" else np.int32)
+    if ckpt is None:
+        # A fresh model takes its condition's shape from the data actually used.
+        if kind == "text" and embeddings.ndim == 3:
+            model_config = replace(model_config, text_tokens=embeddings.shape[1], text_dim=embeddings.shape[2])
+        elif kind == "class" and hasattr(dataset, "meta") and dataset.meta.get("classes"):
+            model_config = replace(model_config, num_classes=len(dataset.meta["classes"]))
+    check_table(kind, embeddings, model_config, len(dataset))
     model_config.validate()
 
     cfg = train_config
@@ -144,6 +145,44 @@ def prepare_run(run_dir, family: str, dataset, model_config, train_config: Train
     start = ckpt.step if ckpt is not None else 0
     position = int(ckpt.state.get("batches_consumed", start * cfg.grad_accum)) if ckpt is not None else 0
     return RunPlan(run_dir, fam, model_config, cfg, text_encoder, dataset, embeddings, start, position, ckpt, notes)
+
+
+def data_conditioning(dataset) -> str:
+    """What a dataset folder can condition on: "class" (class subfolders), "none" (images
+    without captions) or "text" (captions)."""
+    meta = getattr(dataset, "meta", {}) or {}
+    if meta.get("classes"):
+        return "class"
+    return "none" if meta.get("kind") == "images" else "text"
+
+
+def fit_conditioning(fam: Family, model_config, dataset, notes: list[str]):
+    """A fresh model conditions on what the data has: a config with a `conditioning` field
+    (JiT) follows the dataset; a family with a fixed kind refuses other data in one line."""
+    want = data_conditioning(dataset)
+    if hasattr(model_config, "conditioning"):
+        if model_config.conditioning != want:
+            notes.append(f"{dataset.path} is {'class-labelled' if want == 'class' else 'captioned' if want == 'text' else 'unlabelled'}: "
+                         f"the model is {'unconditional' if want == 'none' else want + '-conditioned'}")
+            model_config = replace(model_config, conditioning=want)
+        return model_config
+    if want != fam.conditioning:
+        raise MlxflowError(f"the {fam.name} family is {fam.conditioning}-conditioned, but {dataset.path} has "
+                           f"{'class labels' if want == 'class' else 'no captions' if want == 'none' else 'captions'}")
+    return model_config
+
+
+def condition_table(kind: str, dataset, text_encoder: str) -> np.ndarray:
+    """The per-sample conditions of a dataset: text embeddings (N,L,D), class labels (N,), or zeros (N,)."""
+    if kind == "text":
+        from .models.text import load_text_encoder
+
+        return dataset.text_embeddings(load_text_encoder(text_encoder))
+    if kind == "class":
+        from .data.classes import class_labels
+
+        return class_labels(dataset)
+    return np.zeros(len(dataset), np.int32)
 
 
 def run_lock(run_dir, rank: int = 0):
@@ -217,6 +256,9 @@ def run_training(plan: RunPlan, session, *, framework: str,
     last_good = existing[-1] if existing else None
     losses: list[float] = []
     final = plan.checkpoint.path if plan.checkpoint is not None else None
+    # Class names travel with every checkpoint so sampling can take `--class NAME`.
+    classes = getattr(plan.dataset, "meta", {}).get("classes") if kind_of(plan.family, plan.model_config) == "class" \
+        else None
 
     def save(at_step: int) -> Path:
         nonlocal last_good
@@ -229,7 +271,7 @@ def run_training(plan: RunPlan, session, *, framework: str,
                 optimizer=tensors["optimizer"],
                 state={"batches_consumed": position, "loss": losses[-1] if losses else None,
                        "dataset": str(getattr(plan.dataset, "path", "")), "world_size": session.world,
-                       **(extra_state or {})},
+                       **({"classes": classes} if classes else {}), **(extra_state or {})},
                 keep=cfg.keep_checkpoints, framework=framework)
             if on_checkpoint:
                 on_checkpoint(path)

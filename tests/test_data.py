@@ -87,9 +87,12 @@ def test_import_folder(tmp_path):
 def test_import_folder_errors(tmp_path):
     src = _folder(tmp_path)
     (src / "2.png").write_bytes(b"\x89PNG garbage")
-    with pytest.raises(MlxflowError, match="cannot read image .*2.png"):
-        import_image_folder(src, tmp_path / "ds", size=16)
-    assert not (tmp_path / "ds").exists()  # nothing half-written
+    # A corrupt image is skipped and counted, not fatal.
+    info = import_image_folder(src, tmp_path / "ds", size=16)
+    assert (info["count"], info["skipped"]) == (3, 1) and info["skipped_files"][0].endswith("2.png")
+    ds = ImageTextDataset.load(tmp_path / "ds")
+    assert len(ds) == 3 and "red box 2" not in ds.captions
+    assert json.loads((tmp_path / "ds" / "dataset.json").read_text())["skipped"] == 1
     Image.new("RGB", (8, 8)).save(src / "2.png")
     Image.new("RGB", (8, 8)).save(src / "extra.png")
     with pytest.raises(MlxflowError, match="extra.png has no caption"):

@@ -215,21 +215,36 @@ class ImageTextDataset:
         "index": int64 (B,)}`` ("text" only when ``embeddings`` (N, L, D) is given).
         ``start`` = batches already consumed: the stream continues exactly where a fresh
         stream would be after ``start`` batches. Each epoch drops its last partial batch.
+        ``prefetch`` is ignored (kept for compatibility): batches are gathered on the
+        caller's thread, with no prefetch threads (see ``_iterate``).
         """
         nb = self.batches_per_epoch(batch_size)
         if start < 0:
             raise MlxflowError(f"start must be >= 0, got {start}")
         if embeddings is not None:
-            embeddings = np.asarray(embeddings, dtype=np.float32)
-            if embeddings.ndim != 3 or len(embeddings) != len(self):
+            # Any per-sample table: text embeddings (N, L, D), class labels (N,), ...
+            embeddings = np.asarray(embeddings)
+            if embeddings.ndim == 0 or len(embeddings) != len(self):
                 raise MlxflowError(
-                    f"text embeddings {embeddings.shape} do not match {len(self)} captions"
+                    f"conditions {embeddings.shape} do not match {len(self)} captions"
                 )
         return self._iterate(batch_size, nb, int(seed), int(start), flip, embeddings, prefetch)
 
     def _iterate(self, batch_size, nb, seed, start, flip, embeddings, prefetch):
         import mlx.data as dx
 
+        # Cause of the old epoch-boundary hang (read in mlx-data's source, tag v0.1.0, same on
+        # main: mlx/data/core/ThreadPool.cpp, stream/Prefetch.cpp): ~ThreadPool sets its stop
+        # flag without the workers' queue mutex, then notifies and joins, so a worker between
+        # its wait-predicate check and its sleep misses the wakeup and the join under ~Prefetch
+        # never returns (a busy machine widens the window; mlx-data PR #112 reports the race).
+        # Each worker task also resets the process-wide OpenBLAS thread count (ThreadController).
+        # Fix: own no threads. The images are in memory, so mlx-data's random-access Buffer ops
+        # (perm + batch, indexed with [i]) gather each batch on the caller's thread; with no
+        # pool there is nothing to join, so an epoch change or an abandoned generator cannot
+        # deadlock by construction; a prefetch thread would only overlap an in-memory copy.
+        # ``prefetch`` is accepted for compatibility and ignored.
+        del prefetch
         # Only images and indices go through mlx-data; embeddings are gathered by index
         # afterwards so a large (N, L, D) table is never copied into the buffer.
         buffer = dx.buffer_from_vector(
@@ -241,13 +256,10 @@ class ImageTextDataset:
             order = order[skip * batch_size :]  # resume mid-epoch by slicing, not by replaying
             skip = 0
             flips = self.epoch_flips(seed, epoch) if flip else None
-            stream = (
-                buffer.perm(order.tolist())
-                .to_stream()
-                .batch(batch_size)
-                .prefetch(prefetch, 1)
-            )
-            for item in stream:
+            # Whole batches only (order is a multiple of batch_size), so every batch is full.
+            epoch_batches = buffer.perm(order.tolist()).batch(batch_size)
+            for i in range(epoch_batches.size()):
+                item = epoch_batches[i]
                 index = np.asarray(item["index"], np.int64)
                 image = np.asarray(item["image"], np.float32) / 127.5 - 1.0
                 if flips is not None:

@@ -63,12 +63,41 @@ def load_square(path: Path, size: int, background: Sequence[int]) -> np.ndarray:
     return np.asarray(canvas.convert("RGB"), dtype=np.uint8)
 
 
+def load_images(files: list[Path], size: int, background, on_progress=None):
+    """Read and square every file: (uint8 (K, size, size, 3), indices kept, paths skipped).
+
+    An unreadable or corrupt file is skipped and reported, never fatal: one bad JPEG in a
+    folder of 200k faces should not stop an import.
+    """
+    images, kept, skipped = [], [], []
+    for i, path in enumerate(files):
+        try:
+            images.append(load_square(path, size, background))
+            kept.append(i)
+        except MlxflowError:
+            skipped.append(path)
+        if on_progress:
+            on_progress(i + 1, len(files))
+    stacked = np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
+    return stacked, kept, skipped
+
+
 def import_image_folder(src_dir, out_dir, size: int = 64, captions=None, background=(255, 255, 255),
-                        on_progress: Callable[[int, int], None] | None = None, overwrite: bool = False) -> dict:
-    """Images listed in the captions file -> dataset folder. Returns the dataset.json dict."""
+                        on_progress: Callable[[int, int], None] | None = None, overwrite: bool = False,
+                        unconditional: bool = False) -> dict:
+    """Images (with the captions file, or all of them when `unconditional`) -> dataset folder.
+
+    Returns the dataset.json dict plus "skipped_files" (unreadable images, skipped).
+    """
     src = Path(src_dir)
     if not src.is_dir():
         raise MlxflowError(f"image folder not found: {src}")
+    if unconditional:
+        files = sorted(p for p in src.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise MlxflowError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {src}")
+        return _write(src, out_dir, files, {p.name: "" for p in files}, "images", size, background, on_progress,
+                      overwrite)
     if captions is None:
         found = [src / n for n in CAPTION_FILES if (src / n).is_file()]
         if not found:
@@ -86,13 +115,16 @@ def import_image_folder(src_dir, out_dir, size: int = 64, captions=None, backgro
     missing = sorted(set(mapping) - {p.name for p in files})
     if missing:
         raise MlxflowError(f"{captions} names {missing[0]}, which is not an image in {src}")
-    images = []
-    for i, path in enumerate(files):
-        images.append(load_square(path, size, background))
-        if on_progress:
-            on_progress(i + 1, len(files))
-    meta = {"kind": "folder", "size": size, "count": len(files), "skipped": 0, "source": str(src.resolve()),
+    return _write(src, out_dir, files, mapping, "folder", size, background, on_progress, overwrite)
+
+
+def _write(src: Path, out_dir, files: list[Path], mapping: dict, kind: str, size: int, background, on_progress,
+           overwrite: bool) -> dict:
+    images, kept, skipped = load_images(files, size, background, on_progress)
+    if not kept:
+        raise MlxflowError(f"none of the {len(files)} images in {src} could be read (first: {skipped[0].name})")
+    meta = {"kind": kind, "size": size, "count": len(kept), "skipped": len(skipped), "source": str(src.resolve()),
             "background": list(background), "mlxflow_version": mlxflow_version()}
-    write_dataset_folder(out_dir, np.stack(images), [{"text": mapping[p.name], "file": p.name} for p in files],
+    write_dataset_folder(out_dir, images, [{"text": mapping[files[i].name], "file": files[i].name} for i in kept],
                          meta, overwrite=overwrite)
-    return meta
+    return {**meta, "skipped_files": [str(p) for p in skipped]}

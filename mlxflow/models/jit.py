@@ -5,7 +5,7 @@ Seed 003. Patches (optionally overlapping) -> low-rank bottleneck embedding + fi
 sin-cos positions -> transformer blocks (RMSNorm, QK-norm, 2-D axial RoPE, SwiGLU,
 adaLN-Zero) with in-context condition tokens joining part-way -> adaLN final layer ->
 patches folded back into an image. Input and output are channels-last (B, H, W, C).
-The network only maps (x_t, t, cond) -> output; config.prediction says what that is.
+The network only maps (x_t, t, cond) -> output; the family entry says what that is (clean x).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..errors import MlxflowError
-from ..jit_config import JiTConfig
+from ..config import JiTConfig
 from ..layers import (Attention, RMSNorm, SwiGLU, TimestepEmbedding, apply_rope, axial_rope_2d, modulate,
                       sincos_position_embedding_2d)
 

@@ -4,7 +4,7 @@ Same classes, attribute names and structure as the MLX model; only framework idi
 differs (forward vs __call__, nn.ModuleList vs lists, F.unfold/F.fold vs index
 gather/scatter, buffers vs attributes kept out of the parameter tree, NCHW vs NHWC).
 Input and output are channels-first (B, C, H, W). The network only maps
-(x_t, t, cond) -> output; config.prediction says what that is.
+(x_t, t, cond) -> output; the family entry says what that is (clean x).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import MlxflowError
-from ..jit_config import JiTConfig
+from ..config import JiTConfig
 from .layers import (Attention, RMSNorm, SwiGLU, TimestepEmbedding, apply_rope, axial_rope_2d, modulate,
                      sincos_position_embedding_2d)
 

@@ -1,0 +1,269 @@
+"""`mlxflow serve`: a Gradio page in front of one checkpoint.
+
+The page streams the image while the ODE integrates: the click handler is a generator,
+and every frame it yields (a decoded grid every `preview` solver steps) is pushed to the
+browser by Gradio's queue; the last one is the final grid, also offered as a PNG download.
+The checkpoint is loaded once at start-up; requests run one at a time (queue concurrency
+1), so several tabs can generate at once and each waits its turn.
+
+No model logic lives here: sampling goes through mlxflow.sample and mlxflow.api. Gradio is
+an optional extra (`pip install 'mlxflow[demo]'`), imported only when a page is built.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from .errors import MlxflowError
+
+SOLVERS = ("euler", "heun", "midpoint", "rk4")
+MAX_STEPS = 200
+MAX_PROMPTS = 16
+MAX_PER_PROMPT = 16
+MAX_IMAGES = 64
+DISPLAY_WIDTH = 384  # the grid is scaled up (nearest) to about this width, and at most 8x
+CSS = "#mlxflow-image img { image-rendering: pixelated; }"
+
+
+@dataclass
+class Loaded:
+    """What start-up produced: the model and its checkpoint, or the reason there is none."""
+    info: dict = field(default_factory=dict)  # mlxflow.api.checkpoint_info
+    model: object = None
+    ckpt: object = None
+    error: str | None = None
+
+
+def load(ckpt) -> Loaded:
+    """Read the metadata, build the model with its (EMA) weights and warm the text encoder, once.
+
+    Raises MlxflowError for a path that is not a usable checkpoint.
+    """
+    from .api import checkpoint_info
+    from .models import load_model
+
+    info = checkpoint_info(ckpt)
+    model, ck = load_model(info["path"])
+    if info["conditioning"] == "text":
+        from .models.text import load_text_encoder
+
+        load_text_encoder(ck.text_encoder)  # cached by spec: the first request does not pay for it
+    return Loaded(info=info, model=model, ckpt=ck)
+
+
+def _grid_scale(width: int) -> int:
+    return max(1, min(8, DISPLAY_WIDTH // max(width, 1)))
+
+
+def sample_frames(model, ckpt, prompts: list[str], *, n: int = 1, steps: int = 20, solver: str = "heun",
+                  cfg_scale: float = 3.0, seed: int = 0, preview: int = 1,
+                  interval: tuple[float, float] | None = None) -> Iterator[tuple[int, int, object]]:
+    """Yield (step, steps, grid PIL image) every `preview` solver steps and always after the last.
+
+    The frame with step == steps is the final grid. n samples of every prompt, one row
+    per prompt (prompts are text, class names or nothing, as the checkpoint is
+    conditioned: mlxflow.sample.conditions_for). `model, ckpt` come from load_model, so
+    a server builds the model once. Same samples as mlxflow.api.sample for the same seed.
+    """
+    import mlx.core as mx
+    import numpy as np
+
+    from .api import decode_images
+    from .sample import conditions_for, make_grid, sample_steps
+
+    table = conditions_for(ckpt, prompts)
+    cond = mx.array(np.repeat(table, n, axis=0))
+    preview = max(1, int(preview))
+    scale = None
+    for i, _t, x in sample_steps(model, cond, steps=steps, solver=solver, cfg_scale=cfg_scale, seed=seed,
+                                 interval=interval, noise_scale=ckpt.train_config.noise_scale):
+        step = i + 1
+        if step % preview and step != steps:
+            continue
+        images = decode_images(model, x)
+        if scale is None:
+            scale = _grid_scale(n * (images.shape[2] + 2) + 2)
+        yield step, steps, make_grid(images, ncols=n, scale=scale)
+
+
+def parse_request(kind: str, prompts_text: str | None, classes: list[str] | None, n, steps, solver, cfg,
+                  seed, preview) -> dict:
+    """The page's inputs -> sample_frames arguments; MlxflowError with a message a person can act on."""
+    def integer(value, name, lo, hi):
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise MlxflowError(f"{name} must be a number, got {value!r}") from None
+        if v != int(v) or not lo <= v <= hi:
+            raise MlxflowError(f"{name} must be a whole number from {lo} to {hi}, got {value}")
+        return int(v)
+
+    if kind == "text":
+        prompts = [p.strip() for p in (prompts_text or "").splitlines() if p.strip()]
+        if not prompts:
+            raise MlxflowError("enter a prompt (one per line)")
+    elif kind == "class":
+        prompts = [str(c) for c in (classes or [])]
+        if not prompts:
+            raise MlxflowError("pick at least one class")
+    else:
+        prompts = []
+    if len(prompts) > MAX_PROMPTS:
+        raise MlxflowError(f"at most {MAX_PROMPTS} prompts at a time, got {len(prompts)}")
+    n = integer(n, "number of images", 1, MAX_PER_PROMPT)
+    if max(1, len(prompts)) * n > MAX_IMAGES:
+        raise MlxflowError(f"at most {MAX_IMAGES} images at a time ({len(prompts)} prompts x {n})")
+    steps = integer(steps, "steps", 1, MAX_STEPS)
+    if solver not in SOLVERS:
+        raise MlxflowError(f"unknown solver '{solver}' (known: {', '.join(SOLVERS)})")
+    try:
+        cfg = float(cfg)
+    except (TypeError, ValueError):
+        raise MlxflowError(f"CFG scale must be a number, got {cfg!r}") from None
+    if not 0.0 <= cfg <= 30.0:
+        raise MlxflowError(f"CFG scale must be from 0 to 30, got {cfg}")
+    seed = integer(seed, "seed", 0, 2**31 - 1)
+    preview = integer(preview, "preview interval", 1, MAX_STEPS)
+    return dict(prompts=prompts, n=n, steps=steps, solver=solver, cfg_scale=cfg, seed=seed, preview=preview)
+
+
+def _metadata_markdown(info: dict) -> str:
+    rows = [("family", info.get("family")), ("preset", info.get("preset") or "-"),
+            ("training step", info.get("step")), ("trained with", info.get("framework")),
+            ("conditioning", info.get("conditioning")), ("image size", f"{info.get('image_size')} px")]
+    if info.get("conditioning") == "text":
+        rows.append(("text encoder", info.get("text_encoder") or "-"))
+    if info.get("conditioning") == "class":
+        rows.append(("classes", len(info.get("classes") or [])))
+    rows.append(("checkpoint", f"`{info.get('path')}`"))
+    return "### Checkpoint\n\n| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+
+class _Outputs:
+    """Final grids to download: a private temp folder keeping only the newest few files."""
+
+    def __init__(self, keep: int = 8):
+        self.dir = Path(tempfile.mkdtemp(prefix="mlxflow-serve-"))
+        self.keep, self.count = keep, 0
+
+    def save(self, image, stem: str) -> str:
+        from .sample import save_png
+
+        self.count += 1
+        path = save_png(image, self.dir / f"{stem}-{self.count:04d}.png")
+        for old in sorted(self.dir.glob("*.png"), key=lambda p: p.stat().st_mtime)[:-self.keep]:
+            old.unlink(missing_ok=True)
+        return str(path)
+
+
+def build_app(ckpt=None, *, loaded: Loaded | None = None):
+    """The Gradio Blocks page for one checkpoint (not launched; see launch()).
+
+    A checkpoint that fails to load gives a page that says why, with generation turned
+    off, instead of no page at all.
+    """
+    gr = _gradio()
+    if loaded is None:
+        try:
+            loaded = load(ckpt)
+        except Exception as e:  # noqa: BLE001 - shown in the page; the server still starts
+            if not isinstance(e, MlxflowError):
+                traceback.print_exc()
+            loaded = Loaded(error=f"{type(e).__name__ + ': ' if not isinstance(e, MlxflowError) else ''}{e}")
+    info = loaded.info
+    kind = info.get("conditioning", "none")
+    outputs_dir = _Outputs()
+    title = (f"mlxflow · {info['family']}/{info.get('preset') or 'custom'} · step {info['step']}"
+             if not loaded.error else "mlxflow · no checkpoint")
+
+    def generate(prompts_text, classes, n, steps, solver, cfg, seed, preview):
+        if loaded.error:
+            raise gr.Error(f"no model loaded: {loaded.error}")
+        try:
+            req = parse_request(kind, prompts_text, classes, n, steps, solver, cfg, seed, preview)
+            yield None, "starting...", None
+            tic = time.perf_counter()
+            for step, total, grid in sample_frames(loaded.model, loaded.ckpt, **req):
+                if step < total:
+                    yield grid, f"step {step}/{total}", None
+            path = outputs_dir.save(grid, f"mlxflow-{info['family']}-seed{req['seed']}")
+            count = max(1, len(req["prompts"])) * req["n"]
+            yield grid, (f"done: {count} image{'s' * (count > 1)}, {req['solver']} {req['steps']} steps, "
+                         f"CFG {req['cfg_scale']:g}, seed {req['seed']} in {time.perf_counter() - tic:.1f} s"), path
+        except MlxflowError as e:
+            raise gr.Error(str(e), print_exception=False) from None
+        except gr.Error:
+            raise
+        except Exception as e:  # noqa: BLE001 - a bug: log it, tell the page, keep serving
+            traceback.print_exc()
+            raise gr.Error(f"sampling failed ({type(e).__name__}: {e}); the server is still running") from None
+
+    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, 3600)) as app:
+        gr.Markdown(f"# {title}")
+        if loaded.error:
+            gr.Markdown(f"**Could not load the checkpoint:** {loaded.error}\n\n"
+                        "Start `mlxflow serve` again with a checkpoint folder or a run folder.",
+                        elem_id="mlxflow-load-error")
+        with gr.Row():
+            with gr.Column(scale=1, min_width=280):
+                prompts = gr.Textbox(label="Prompts (one per line)", lines=3, placeholder="red heart\npizza",
+                                     visible=kind == "text", elem_id="mlxflow-prompts")
+                classes = gr.Dropdown(choices=list(info.get("classes") or []), multiselect=True, label="Classes",
+                                      visible=kind == "class", elem_id="mlxflow-classes")
+                if kind == "none" and not loaded.error:
+                    gr.Markdown("Unconditional model: no prompt, choose how many images.")
+                n = gr.Slider(1, MAX_PER_PROMPT, value=4, step=1, label="Images" + (" per prompt" if kind != "none" else ""),
+                              elem_id="mlxflow-n")
+                steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps", elem_id="mlxflow-steps")
+                solver = gr.Radio(list(SOLVERS), value="heun", label="Solver", elem_id="mlxflow-solver")
+                cfg = gr.Slider(0.0, 15.0, value=3.0, step=0.5, label="CFG scale (1 = off)", visible=kind != "none",
+                                elem_id="mlxflow-cfg")
+                seed = gr.Number(value=0, precision=0, label="Seed", elem_id="mlxflow-seed")
+                preview = gr.Slider(1, 50, value=1, step=1, label="Preview every N steps", elem_id="mlxflow-preview")
+                button = gr.Button("Generate", variant="primary", interactive=not loaded.error,
+                                   elem_id="mlxflow-generate")
+            with gr.Column(scale=2, min_width=320):
+                image = gr.Image(label="Samples", type="pil", format="png", interactive=False,
+                                 buttons=["download", "fullscreen"], elem_id="mlxflow-image")
+                status = gr.Markdown("", elem_id="mlxflow-status")
+                download = gr.File(label="Final grid (PNG)", interactive=False, elem_id="mlxflow-download")
+            with gr.Column(scale=1, min_width=240):
+                gr.Markdown(_metadata_markdown(info) if not loaded.error else "", elem_id="mlxflow-meta")
+                if kind == "text" and info.get("examples"):
+                    gr.Examples([[e] for e in info["examples"]], inputs=[prompts], label="Training captions")
+        button.click(generate, inputs=[prompts, classes, n, steps, solver, cfg, seed, preview],
+                     outputs=[image, status, download], concurrency_limit=1, api_name="generate")
+    app.queue(default_concurrency_limit=1, max_size=32)
+    return app
+
+
+def launch(app, *, host: str = "127.0.0.1", port: int = 7860, share: bool = False, block: bool = True,
+           quiet: bool = False):
+    """Start the page's server; with block=False return at once (app.close() stops it)."""
+    try:
+        return app.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
+                          quiet=quiet, css=CSS, show_error=True, footer_links=["gradio"])
+    except OSError as e:  # port taken, host not ours
+        raise MlxflowError(f"cannot serve on {host}:{port}: {e}") from None
+
+
+def serve(ckpt, *, host: str = "127.0.0.1", port: int = 7860, share: bool = False) -> None:
+    """`mlxflow serve`: load the checkpoint (a bad one ends here, with MlxflowError), then serve until Ctrl-C."""
+    _gradio()
+    loaded = load(ckpt)
+    print(f"serving {loaded.info['path']} ({loaded.info['family']}, step {loaded.info['step']})", file=sys.stderr)
+    launch(build_app(loaded=loaded), host=host, port=port, share=share)
+
+
+def _gradio():
+    try:
+        import gradio as gr
+    except ImportError:
+        raise MlxflowError("the web demo needs Gradio: pip install 'mlxflow[demo]'") from None
+    return gr
