@@ -134,14 +134,19 @@ def cmd_bench(args) -> int:
     for fw in frameworks:
         with console.status(f"timing {fw} train steps..."):
             rows.append(api.bench(args.family, args.preset, args.batch_size, args.steps, framework=fw,
-                                  device=args.torch_device if fw == "torch" else None))
+                                  device=args.torch_device if fw == "torch" else None, bf16=args.bf16))
     table = Table(title=f"{args.family}/{args.preset or 'default'} train step, batch {args.batch_size}")
-    for col in ("framework", "device", "img/s", "peak MB", "params", "BLAS"):
+    for col in ("framework", "device", "img/s", "peak MB", "params", "GFLOP/img fwd", "MFU", "BLAS"):
         table.add_column(col)
     for r in rows:
+        flops = r.get("fwd_flops_per_image")
         table.add_row(r["framework"], str(r["device"]), f"{r['img_per_s']:.1f}", f"{r.get('peak_mem_mb', 0):.0f}",
-                      f"{r.get('params', 0) / 1e6:.2f}M", r.get("blas", "-"))
+                      f"{r.get('params', 0) / 1e6:.2f}M", f"{flops / 1e9:.2f}" if flops else "-",
+                      f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-", r.get("blas", "-"))
     out.print(table)
+    if any(r.get("fwd_flops_per_image") for r in rows):
+        out.print("FLOPs: 2 x multiply-adds of the matmuls; a training image costs 3 x forward. "
+                  f"MFU: {rows[-1]['mfu_peak']}.")
     if len(rows) == 2:
         out.print(f"MLX/torch throughput ratio: {rows[0]['img_per_s'] / rows[1]['img_per_s']:.2f}")
     if any(r.get("blas") == "reference" for r in rows):
@@ -191,6 +196,16 @@ def cmd_export(args) -> int:
     for k, v in report.items():
         table.add_row(k, f"{v:.2f}" if isinstance(v, float) else str(v))
     out.print(table)
+    return 0
+
+
+# --- serve -------------------------------------------------------------------------------
+
+def cmd_serve(args) -> int:
+    """A Gradio page in front of one checkpoint; a bad checkpoint ends here with one line."""
+    from mlxflow.serve import serve
+
+    serve(args.ckpt, host=args.host, port=args.port, share=args.share)
     return 0
 
 
@@ -289,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--framework", choices=["mlx", "torch", "both"], default="both",
                    help="both (default) times MLX and torch on the same preset and batch")
     b.add_argument("--torch-device", default=None, help="cpu | cuda | mps (default: best available)")
+    b.add_argument("--bf16", action="store_true", help="(torch) bf16 autocast")
     b.set_defaults(func=cmd_bench)
 
     f = sub.add_parser("fidelity", help="prompt fidelity against the training images")
@@ -327,6 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deployment target; iOS18/macOS15 give true enumerated batch shapes")
     e.add_argument("--data", help="training dataset folder for the label table (default: the one the run used)")
     e.set_defaults(func=cmd_export)
+
+    w = sub.add_parser("serve", help="web demo: a Gradio page that streams samples as they integrate")
+    w.add_argument("ckpt", help="checkpoint folder, or run folder (its latest checkpoint)")
+    w.add_argument("--port", type=int, default=7860)
+    w.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve your network")
+    w.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    w.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("demo", help="build the emoji set, train the tiny preset briefly, write a sample grid")
     m.add_argument("--out", default="runs/demo")

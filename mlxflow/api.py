@@ -195,18 +195,47 @@ def prompt_fidelity(ckpt, data_dir, *, k: int = 16, n: int = 2, steps: int = 20,
             "chance": 1.0 / len(dataset), "untrained": untrained, "step": ck.step}
 
 
+# Dense bf16 tensor-core peaks (FLOP/s) by GPU name, for MFU. MFU always divides by the
+# bf16 peak (the standard convention), also for fp32 runs, so numbers compare across settings.
+BF16_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
+                   "RTX 4090": 165e12, "RTX 5090": 209e12}
+
+
+def peak_flops(device_name: str) -> tuple[float | None, str]:
+    """(bf16 dense peak FLOP/s, its label) for a CUDA device name; (None, reason) when unknown."""
+    for key, peak in BF16_PEAK_FLOPS.items():
+        if key.lower() in device_name.lower():
+            return peak, f"{key} bf16 dense {peak / 1e12:.0f} TFLOP/s"
+    return None, f"no peak known for '{device_name}'"
+
+
 def bench(family: str, preset: str | None = None, batch_size: int = 32, steps: int = 10, *,
-          framework: str = "mlx", device: str | None = None, warmup: int = 3, text_dim: int = 384) -> dict:
-    """Train-step throughput on random data for one framework: img/s, peak memory, params."""
+          framework: str = "mlx", device: str | None = None, warmup: int = 3, text_dim: int = 384,
+          bf16: bool = False) -> dict:
+    """Train-step throughput on random data for one framework: img/s, peak memory, params,
+    model FLOPs per image (training = 3 x forward) and, on CUDA, MFU against the GPU's bf16 peak."""
+    from .families import get_family
+
+    fam = get_family(family)
+    mcfg = fam.model_config(preset, text_dim=text_dim)
     if framework == "mlx":
-        return bench_mlx(family, preset, batch_size, steps, warmup=warmup, text_dim=text_dim)
-    if framework == "torch":
-        from .families import get_family
+        row = bench_mlx(family, preset, batch_size, steps, warmup=warmup, text_dim=text_dim)
+    elif framework == "torch":
         from .train_torch import benchmark_torch
 
-        mcfg = get_family(family).model_config(preset, text_dim=text_dim)
-        return benchmark_torch(mcfg, batch_size, family=family, steps=steps, warmup=warmup, device=device)
-    raise MlxflowError(f"unknown framework '{framework}' (known: mlx, torch)")
+        row = benchmark_torch(mcfg, batch_size, family=family, steps=steps, warmup=warmup, device=device, bf16=bf16)
+    else:
+        raise MlxflowError(f"unknown framework '{framework}' (known: mlx, torch)")
+    row["fwd_flops_per_image"] = fam.flops_per_image(mcfg) if fam.flops_per_image else None
+    row["mfu"], row["mfu_peak"] = None, "MFU only on CUDA"
+    if row["fwd_flops_per_image"] and str(row["device"]).startswith("cuda"):
+        import torch
+
+        peak, label = peak_flops(torch.cuda.get_device_name())
+        row["mfu_peak"] = label
+        if peak:
+            row["mfu"] = row["img_per_s"] * 3 * row["fwd_flops_per_image"] / peak
+    return row
 
 
 def bench_mlx(family: str, preset: str | None, batch_size: int = 32, steps: int = 10, warmup: int = 3,
