@@ -160,15 +160,15 @@ def fit_conditioning(fam: Family, model_config, dataset, notes: list[str]):
     """A fresh model conditions on what the data has: a config with a `conditioning` field
     (JiT) follows the dataset; a family with a fixed kind refuses other data in one line."""
     want = data_conditioning(dataset)
+    data_has = {"text": "captions", "class": "class labels", "none": "no captions"}[want]
     if hasattr(model_config, "conditioning"):
         if model_config.conditioning != want:
-            notes.append(f"{dataset.path} is {'class-labelled' if want == 'class' else 'captioned' if want == 'text' else 'unlabelled'}: "
-                         f"the model is {'unconditional' if want == 'none' else want + '-conditioned'}")
+            model = "unconditional" if want == "none" else f"{want}-conditioned"
+            notes.append(f"{dataset.path} has {data_has}: the model is {model}")
             model_config = replace(model_config, conditioning=want)
         return model_config
     if want != fam.conditioning:
-        raise MlxflowError(f"the {fam.name} family is {fam.conditioning}-conditioned, but {dataset.path} has "
-                           f"{'class labels' if want == 'class' else 'no captions' if want == 'none' else 'captions'}")
+        raise MlxflowError(f"the {fam.name} family is {fam.conditioning}-conditioned, but {dataset.path} has {data_has}")
     return model_config
 
 

@@ -102,7 +102,7 @@ def test_class_folder_trains_a_class_conditional_jit_and_samples_by_name(tmp_pat
                           train_overrides=dict(batch_size=4, ckpt_every=0), on_message=said.append, sample_prompts=2)
     ck = load_checkpoint(out["checkpoint"])
     assert ck.model_config.conditioning == "class" and ck.model_config.num_classes == 2
-    assert ck.state["classes"] == ["blue", "red"] and any("class-labelled" in s for s in said)
+    assert ck.state["classes"] == ["blue", "red"] and any("has class labels: the model is class-conditioned" in s for s in said)
     code = cli.main(["sample", str(tmp_path / "run"), "--class", "red", "--class", "0", "--n", "2", "--steps", "3",
                      "--output", str(tmp_path / "g.png")])
     assert code == 0 and Image.open(tmp_path / "g.png").size[1] > 0
