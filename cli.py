@@ -162,10 +162,15 @@ def cmd_fidelity(args) -> int:
     table = Table(title="prompt fidelity (nearest training image is the prompted one)")
     for col in ("model", "step", "fidelity", "samples", "chance"):
         table.add_column(col)
+    defaults = api.sampling_defaults(args.ckpt)
+    steps, solver = args.steps or defaults["steps"], args.solver or defaults["solver"]
+    cfg = args.cfg if args.cfg is not None else defaults["cfg"]
+    table.caption = f"{solver}, {steps} steps, CFG {cfg:g}, {args.n} samples for each of {args.k} prompts, seed {args.seed}"
     for untrained in ((False, True) if args.baseline else (False,)):
         with console.status("sampling..."):
-            r = api.prompt_fidelity(args.ckpt, args.data, k=args.k, n=args.n, steps=args.steps, solver=args.solver,
-                                    cfg_scale=args.cfg, seed=args.seed, untrained=untrained)
+            r = api.prompt_fidelity(args.ckpt, args.data, k=args.k, n=args.n, steps=steps, solver=solver,
+                                    cfg_scale=cfg, seed=args.seed, untrained=untrained,
+                                    interval=defaults["cfg_interval"])
         table.add_row("untrained" if untrained else "trained", str(0 if untrained else r["step"]),
                       f"{r['fidelity']:.3f}", str(r["samples"]), f"{r['chance']:.4f}")
     out.print(table)
@@ -312,9 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--data", required=True)
     f.add_argument("--k", type=int, default=16, help="number of training prompts")
     f.add_argument("--n", type=int, default=2, help="samples per prompt")
-    f.add_argument("--steps", type=int, default=20)
-    f.add_argument("--solver", default="heun")
-    f.add_argument("--cfg", type=float, default=3.0)
+    f.add_argument("--steps", type=int, help="solver steps (default: the family's)")
+    f.add_argument("--solver", choices=sorted(SOLVERS), help="(default: the family's)")
+    f.add_argument("--cfg", type=float, help="(default: the family's)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--baseline", action="store_true", help="also score an untrained model of the same shape")
     f.set_defaults(func=cmd_fidelity)

@@ -107,7 +107,8 @@ def train_model(family: str, data_dir, out_dir, *, preset: str | None = None, st
         model = fam.build(model_config, "mlx")
         load_weights_into(model, ema_weights, "EMA weights")
         grid = sample_grid(model, tables[kind][picks], steps=tcfg.sample_steps, cfg_scale=tcfg.sample_cfg, seed=0,
-                           noise_scale=tcfg.noise_scale)
+                           noise_scale=tcfg.noise_scale, solver=fam.sample_defaults["solver"],
+                           interval=fam.sample_defaults["cfg_interval"])
         path = save_png(grid, samples_dir / f"step-{step:07d}.png")
         if on_sample:
             on_sample(step, path)
@@ -135,12 +136,12 @@ def decode_images(model, x) -> np.ndarray:
 
 
 def sample_grid(model, embeddings: np.ndarray, *, steps: int = 20, solver: str = "heun", cfg_scale: float = 3.0,
-                seed: int = 0, ncols: int | None = None, noise_scale: float = 1.0):
+                seed: int = 0, ncols: int | None = None, noise_scale: float = 1.0, interval=None):
     """A grid of one sample per condition (text embeddings, class labels or placeholders)."""
     from .sample import make_grid, sample_steps
 
     *_, (_, _, x) = sample_steps(model, mx.array(embeddings), steps=steps, solver=solver, cfg_scale=cfg_scale,
-                                 seed=seed, noise_scale=noise_scale)
+                                 seed=seed, noise_scale=noise_scale, interval=interval)
     return make_grid(decode_images(model, x), ncols=ncols, scale=2)
 
 
@@ -165,7 +166,7 @@ def sample(ckpt, prompts: list[str], output, *, n: int = 1, steps: int = 20, sol
 
 
 def prompt_fidelity(ckpt, data_dir, *, k: int = 16, n: int = 2, steps: int = 20, solver: str = "heun",
-                    cfg_scale: float = 3.0, seed: int = 0, untrained: bool = False) -> dict:
+                    cfg_scale: float = 3.0, seed: int = 0, untrained: bool = False, interval=None) -> dict:
     """Share of samples whose nearest training image is the prompted one, for K training labels.
 
     `untrained=True` measures a randomly initialised model of the same architecture: the
@@ -188,7 +189,8 @@ def prompt_fidelity(ckpt, data_dir, *, k: int = 16, n: int = 2, steps: int = 20,
         raise MlxflowError("the dataset's text embeddings do not match the checkpoint's encoder")
     prompts = np.linspace(0, len(dataset) - 1, min(k, len(dataset))).astype(int)
     text = mx.array(np.repeat(emb[prompts], n, axis=0))
-    *_, (_, _, x) = sample_steps(model, text, steps=steps, solver=solver, cfg_scale=cfg_scale, seed=seed)
+    *_, (_, _, x) = sample_steps(model, text, steps=steps, solver=solver, cfg_scale=cfg_scale, seed=seed,
+                                 interval=interval, noise_scale=ck.train_config.noise_scale)
     reference = resize_images(dataset.images, ck.model_config.image_size)
     score = fidelity(decode_images(model, x), np.repeat(prompts, n), reference)
     return {"fidelity": float(score), "prompts": len(prompts), "samples": len(prompts) * n,
