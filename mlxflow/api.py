@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import mlx.core as mx
 import numpy as np
@@ -163,6 +163,29 @@ def sample(ckpt, prompts: list[str], output, *, n: int = 1, steps: int = 20, sol
         if on_step:
             on_step(i + 1, steps)
     return save_png(make_grid(decode_images(model, x), ncols=n, scale=2), out)
+
+
+def sample_frames(model, ckpt, prompts: list[str], *, n: int = 1, steps: int = 20, solver: str = "heun",
+                  cfg_scale: float = 3.0, seed: int = 0, preview: int = 1,
+                  interval: tuple[float, float] | None = None) -> Iterator[tuple[int, int, object]]:
+    """Yield (step, steps, grid PIL image) every `preview` solver steps and always after the last.
+
+    The frame with step == steps is the final grid (mlxflow.sample.make_grid, unscaled):
+    n samples of every prompt, a row per prompt (prompts are text, class names or nothing,
+    as the checkpoint is conditioned: mlxflow.sample.conditions_for). `model, ckpt` come
+    from mlxflow.models.load_model, so a server builds the model once. The same samples
+    as sample() with the same arguments.
+    """
+    from .sample import generate, make_grid
+
+    _, _, gen = generate(None, prompts, n=n, steps=steps, solver=solver, cfg_scale=cfg_scale, seed=seed,
+                         interval=interval, loaded=(model, ckpt))
+    preview = max(1, int(preview))
+    for i, _t, x in gen:
+        step = i + 1
+        if step % preview and step != steps:
+            continue
+        yield step, steps, make_grid(decode_images(model, x), ncols=n)
 
 
 def prompt_fidelity(ckpt, data_dir, *, k: int = 16, n: int = 2, steps: int = 20, solver: str = "heun",

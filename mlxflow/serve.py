@@ -18,17 +18,23 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from .errors import MlxflowError
 
-SOLVERS = ("euler", "heun", "midpoint", "rk4")
 MAX_STEPS = 200
 MAX_PROMPTS = 16
 MAX_PER_PROMPT = 16
 MAX_IMAGES = 64
-DISPLAY_WIDTH = 384  # the grid is scaled up (nearest) to about this width, and at most 8x
+DISPLAY_WIDTH = 512  # frames are scaled up (nearest) to about this width, at most 8x
 CSS = "#mlxflow-image img { image-rendering: pixelated; }"
+FALLBACK_DEFAULTS = dict(steps=20, solver="heun", cfg=3.0, cfg_interval=None)
+
+
+def solver_names() -> tuple[str, ...]:
+    """The registered ODE solvers (mlxflow.solvers): euler, heun, midpoint, rk4, ..."""
+    from .solvers import SOLVERS
+
+    return tuple(SOLVERS)
 
 
 @dataclass
@@ -37,6 +43,7 @@ class Loaded:
     info: dict = field(default_factory=dict)  # mlxflow.api.checkpoint_info
     model: object = None
     ckpt: object = None
+    defaults: dict = field(default_factory=lambda: dict(FALLBACK_DEFAULTS))  # steps, solver, cfg, cfg_interval
     error: str | None = None
 
 
@@ -45,51 +52,29 @@ def load(ckpt) -> Loaded:
 
     Raises MlxflowError for a path that is not a usable checkpoint.
     """
-    from .api import checkpoint_info
+    from . import api
     from .models import load_model
 
-    info = checkpoint_info(ckpt)
+    info = api.checkpoint_info(ckpt)
+    defaults = dict(FALLBACK_DEFAULTS)
+    defaults.update(api.sampling_defaults(info["path"]))  # the family's own (JiT: 50 steps, CFG interval)
     model, ck = load_model(info["path"])
     if info["conditioning"] == "text":
         from .models.text import load_text_encoder
 
         load_text_encoder(ck.text_encoder)  # cached by spec: the first request does not pay for it
-    return Loaded(info=info, model=model, ckpt=ck)
+    return Loaded(info=info, model=model, ckpt=ck, defaults=defaults)
 
 
-def _grid_scale(width: int) -> int:
-    return max(1, min(8, DISPLAY_WIDTH // max(width, 1)))
+def _scaled(grid, k: int):
+    from PIL import Image
+
+    return grid.resize((grid.width * k, grid.height * k), Image.NEAREST) if k > 1 else grid
 
 
-def sample_frames(model, ckpt, prompts: list[str], *, n: int = 1, steps: int = 20, solver: str = "heun",
-                  cfg_scale: float = 3.0, seed: int = 0, preview: int = 1,
-                  interval: tuple[float, float] | None = None) -> Iterator[tuple[int, int, object]]:
-    """Yield (step, steps, grid PIL image) every `preview` solver steps and always after the last.
-
-    The frame with step == steps is the final grid. n samples of every prompt, one row
-    per prompt (prompts are text, class names or nothing, as the checkpoint is
-    conditioned: mlxflow.sample.conditions_for). `model, ckpt` come from load_model, so
-    a server builds the model once. Same samples as mlxflow.api.sample for the same seed.
-    """
-    import mlx.core as mx
-    import numpy as np
-
-    from .api import decode_images
-    from .sample import conditions_for, make_grid, sample_steps
-
-    table = conditions_for(ckpt, prompts)
-    cond = mx.array(np.repeat(table, n, axis=0))
-    preview = max(1, int(preview))
-    scale = None
-    for i, _t, x in sample_steps(model, cond, steps=steps, solver=solver, cfg_scale=cfg_scale, seed=seed,
-                                 interval=interval, noise_scale=ckpt.train_config.noise_scale):
-        step = i + 1
-        if step % preview and step != steps:
-            continue
-        images = decode_images(model, x)
-        if scale is None:
-            scale = _grid_scale(n * (images.shape[2] + 2) + 2)
-        yield step, steps, make_grid(images, ncols=n, scale=scale)
+def _for_display(grid):
+    """Small grids (16-64 px images) scaled up by a whole factor, pixels kept sharp."""
+    return _scaled(grid, max(1, min(8, DISPLAY_WIDTH // max(grid.width, 1))))
 
 
 def parse_request(kind: str, prompts_text: str | None, classes: list[str] | None, n, steps, solver, cfg,
@@ -120,8 +105,8 @@ def parse_request(kind: str, prompts_text: str | None, classes: list[str] | None
     if max(1, len(prompts)) * n > MAX_IMAGES:
         raise MlxflowError(f"at most {MAX_IMAGES} images at a time ({len(prompts)} prompts x {n})")
     steps = integer(steps, "steps", 1, MAX_STEPS)
-    if solver not in SOLVERS:
-        raise MlxflowError(f"unknown solver '{solver}' (known: {', '.join(SOLVERS)})")
+    if solver not in solver_names():
+        raise MlxflowError(f"unknown solver '{solver}' (known: {', '.join(solver_names())})")
     try:
         cfg = float(cfg)
     except (TypeError, ValueError):
@@ -133,7 +118,7 @@ def parse_request(kind: str, prompts_text: str | None, classes: list[str] | None
     return dict(prompts=prompts, n=n, steps=steps, solver=solver, cfg_scale=cfg, seed=seed, preview=preview)
 
 
-def _metadata_markdown(info: dict) -> str:
+def _metadata_markdown(info: dict, defaults: dict) -> str:
     rows = [("family", info.get("family")), ("preset", info.get("preset") or "-"),
             ("training step", info.get("step")), ("trained with", info.get("framework")),
             ("conditioning", info.get("conditioning")), ("image size", f"{info.get('image_size')} px")]
@@ -141,8 +126,11 @@ def _metadata_markdown(info: dict) -> str:
         rows.append(("text encoder", info.get("text_encoder") or "-"))
     if info.get("conditioning") == "class":
         rows.append(("classes", len(info.get("classes") or [])))
-    rows.append(("checkpoint", f"`{info.get('path')}`"))
-    return "### Checkpoint\n\n| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+    if defaults.get("cfg_interval") and info.get("conditioning") != "none":
+        lo, hi = defaults["cfg_interval"]
+        rows.append(("CFG applied for t in", f"[{lo:g}, {hi:g}]"))
+    rows.append(("folder", f"`{info.get('path')}`"))
+    return "### Checkpoint\n\n" + "\n".join(f"- {k}: **{v}**" if k != "folder" else f"- {k}: {v}" for k, v in rows)
 
 
 class _Outputs:
@@ -168,6 +156,8 @@ def build_app(ckpt=None, *, loaded: Loaded | None = None):
     A checkpoint that fails to load gives a page that says why, with generation turned
     off, instead of no page at all.
     """
+    from . import api
+
     gr = _gradio()
     if loaded is None:
         try:
@@ -176,30 +166,34 @@ def build_app(ckpt=None, *, loaded: Loaded | None = None):
             if not isinstance(e, MlxflowError):
                 traceback.print_exc()
             loaded = Loaded(error=f"{type(e).__name__ + ': ' if not isinstance(e, MlxflowError) else ''}{e}")
-    info = loaded.info
+    info, defaults = loaded.info, loaded.defaults
     kind = info.get("conditioning", "none")
+    interval = tuple(defaults["cfg_interval"]) if defaults.get("cfg_interval") else None
     outputs_dir = _Outputs()
     title = (f"mlxflow · {info['family']}/{info.get('preset') or 'custom'} · step {info['step']}"
              if not loaded.error else "mlxflow · no checkpoint")
 
     def generate(prompts_text, classes, n, steps, solver, cfg, seed, preview):
+        """Yields (image, status, download) updates: a frame every `preview` steps, then the final grid."""
         if loaded.error:
             raise gr.Error(f"no model loaded: {loaded.error}")
         try:
             req = parse_request(kind, prompts_text, classes, n, steps, solver, cfg, seed, preview)
-            yield None, "starting...", None
+            yield None, "starting...", gr.update(value=None, visible=False)
             tic = time.perf_counter()
-            for step, total, grid in sample_frames(loaded.model, loaded.ckpt, **req):
+            for step, total, grid in api.sample_frames(loaded.model, loaded.ckpt, interval=interval, **req):
                 if step < total:
-                    yield grid, f"step {step}/{total}", None
-            path = outputs_dir.save(grid, f"mlxflow-{info['family']}-seed{req['seed']}")
+                    yield _for_display(grid), f"step {step}/{total}", gr.skip()
+            # The download is what `mlxflow sample` writes: the grid at 2x.
+            path = outputs_dir.save(_scaled(grid, 2), f"mlxflow-{info['family']}-seed{req['seed']}")
             count = max(1, len(req["prompts"])) * req["n"]
-            yield grid, (f"done: {count} image{'s' * (count > 1)}, {req['solver']} {req['steps']} steps, "
-                         f"CFG {req['cfg_scale']:g}, seed {req['seed']} in {time.perf_counter() - tic:.1f} s"), path
+            summary = (f"done: {count} image{'s' * (count > 1)}, {req['solver']} {req['steps']} steps, "
+                       f"CFG {req['cfg_scale']:g}, seed {req['seed']} in {time.perf_counter() - tic:.1f} s")
+            yield _for_display(grid), summary, gr.update(value=path, visible=True)
         except MlxflowError as e:
-            raise gr.Error(str(e), print_exception=False) from None
-        except gr.Error:
-            raise
+            # The person's input: say what to change, in a toast and in the status line (which stays).
+            gr.Warning(str(e))
+            yield gr.skip(), f"**Cannot generate:** {e}", gr.skip()
         except Exception as e:  # noqa: BLE001 - a bug: log it, tell the page, keep serving
             traceback.print_exc()
             raise gr.Error(f"sampling failed ({type(e).__name__}: {e}); the server is still running") from None
@@ -218,23 +212,26 @@ def build_app(ckpt=None, *, loaded: Loaded | None = None):
                                       visible=kind == "class", elem_id="mlxflow-classes")
                 if kind == "none" and not loaded.error:
                     gr.Markdown("Unconditional model: no prompt, choose how many images.")
-                n = gr.Slider(1, MAX_PER_PROMPT, value=4, step=1, label="Images" + (" per prompt" if kind != "none" else ""),
-                              elem_id="mlxflow-n")
-                steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps", elem_id="mlxflow-steps")
-                solver = gr.Radio(list(SOLVERS), value="heun", label="Solver", elem_id="mlxflow-solver")
-                cfg = gr.Slider(0.0, 15.0, value=3.0, step=0.5, label="CFG scale (1 = off)", visible=kind != "none",
-                                elem_id="mlxflow-cfg")
-                seed = gr.Number(value=0, precision=0, label="Seed", elem_id="mlxflow-seed")
-                preview = gr.Slider(1, 50, value=1, step=1, label="Preview every N steps", elem_id="mlxflow-preview")
                 button = gr.Button("Generate", variant="primary", interactive=not loaded.error,
                                    elem_id="mlxflow-generate")
+                n = gr.Slider(1, MAX_PER_PROMPT, value=4, step=1, elem_id="mlxflow-n",
+                              label="Images" + (" per prompt" if kind != "none" else ""))
+                steps = gr.Slider(1, MAX_STEPS, value=defaults["steps"], step=1, label="Steps",
+                                  elem_id="mlxflow-steps")
+                solver = gr.Radio(list(solver_names()), value=defaults["solver"], label="Solver",
+                                  elem_id="mlxflow-solver")
+                cfg = gr.Slider(0.0, 15.0, value=defaults["cfg"], step=0.5, label="CFG scale (1 = off)",
+                                visible=kind != "none", elem_id="mlxflow-cfg")
+                seed = gr.Number(value=0, precision=0, label="Seed", elem_id="mlxflow-seed")
+                preview = gr.Slider(1, 50, value=1, step=1, label="Preview every N steps", elem_id="mlxflow-preview")
             with gr.Column(scale=2, min_width=320):
-                image = gr.Image(label="Samples", type="pil", format="png", interactive=False,
+                image = gr.Image(label="Samples", type="pil", format="png", interactive=False, height=340,
                                  buttons=["download", "fullscreen"], elem_id="mlxflow-image")
                 status = gr.Markdown("", elem_id="mlxflow-status")
-                download = gr.File(label="Final grid (PNG)", interactive=False, elem_id="mlxflow-download")
+                download = gr.File(label="Final grid (PNG)", interactive=False, visible=False,
+                                   elem_id="mlxflow-download")
             with gr.Column(scale=1, min_width=240):
-                gr.Markdown(_metadata_markdown(info) if not loaded.error else "", elem_id="mlxflow-meta")
+                gr.Markdown(_metadata_markdown(info, defaults) if not loaded.error else "", elem_id="mlxflow-meta")
                 if kind == "text" and info.get("examples"):
                     gr.Examples([[e] for e in info["examples"]], inputs=[prompts], label="Training captions")
         button.click(generate, inputs=[prompts, classes, n, steps, solver, cfg, seed, preview],

@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 
 from mlxflow import checkpoint as ck
-from mlxflow.checkpoint import (broken_checkpoints, checkpoint_problem, list_checkpoints, load_checkpoint,
-                                resolve_checkpoint, save_checkpoint)
+from mlxflow.checkpoint import broken_checkpoints, checkpoint_problem, list_checkpoints, load_checkpoint, resolve_checkpoint
 from mlxflow.errors import MlxflowError
 from mlxflow.runlock import RunLock
 
@@ -28,27 +27,9 @@ pytestmark = pytest.mark.timeout(60)
 ROOT = Path(__file__).resolve().parents[1]
 CHILD_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
 
-# Shared by the test process and the child processes it kills (exec'd in both).
-HELPERS = r'''
-import numpy as np
-from conftest import micro_emoji_config
-from mlxflow.config import TrainConfig
-from mlxflow.checkpoint import save_checkpoint
-
-def tensors(step, variant=0, n=32):
-    rng = np.random.default_rng(1000 * step + variant)
-    w = {"a.weight": rng.standard_normal((n, 4)).astype(np.float32), "b.bias": rng.standard_normal(3).astype(np.float32)}
-    ema = {k: v * np.float32(0.5) for k, v in w.items()}
-    opt = {"step": np.array(step, np.int64), "m.a.weight": rng.standard_normal((n, 4)).astype(np.float32)}
-    return w, ema, opt
-
-def save(run, step, variant=0, keep=0, n=32):
-    w, ema, opt = tensors(step, variant, n)
-    return save_checkpoint(run, step, family="emoji", model_config=micro_emoji_config(),
-                           train_config=TrainConfig(steps=10_000), text_encoder="minilm", weights=w, ema=ema,
-                           optimizer=opt, state={"variant": variant, "n": n}, keep=keep)
-'''
-exec(HELPERS)
+# Shared by the test process and the child processes it kills (they import it too).
+HELPERS = "from ckpt_helpers import save, save_checkpoint, tensors\n"
+from ckpt_helpers import save, tensors  # noqa: E402
 
 
 def one_line(e) -> str:
