@@ -147,7 +147,7 @@ def sample_grid(model, embeddings: np.ndarray, *, steps: int = 20, solver: str =
 
 def sample(ckpt, prompts: list[str], output, *, n: int = 1, steps: int = 20, solver: str = "heun",
            cfg_scale: float = 3.0, seed: int = 0, interval=None, preview_dir=None, preview_every: int = 0,
-           on_step: Callable[[int, int], None] | None = None) -> Path:
+           on_step: Callable[[int, int], None] | None = None, weights: str = "ema") -> Path:
     """Generate n images per prompt into one grid PNG (a row per prompt); returns its path."""
     from .sample import generate, make_grid, save_png
 
@@ -155,7 +155,7 @@ def sample(ckpt, prompts: list[str], output, *, n: int = 1, steps: int = 20, sol
     if out.suffix.lower() != ".png":
         raise MlxflowError(f"--output must end in .png, got {out}")
     model, _, gen = generate(ckpt, prompts, n=n, steps=steps, solver=solver, cfg_scale=cfg_scale, seed=seed,
-                             interval=interval)
+                             interval=interval, weights=weights)
     x = None
     for i, t, x in gen:
         if preview_dir and preview_every and ((i + 1) % preview_every == 0 or i + 1 == steps):

@@ -4,6 +4,7 @@ A checkpoint is a folder:
     config.json            family, model config, train config, text encoder, versions
     model.safetensors      weights in the canonical (MLX) key names and layouts, fp32
     ema.safetensors        EMA weights (same keys), when training keeps an EMA
+    ema2.safetensors       a second, faster EMA (JiT keeps 0.9999 and 0.9996), when configured
     optimizer.safetensors  optimizer state, flattened
     state.json             step, data position, RNG state, last loss
 
@@ -55,7 +56,7 @@ CKPT_PREFIX = "step-"
 _STEP_RE = re.compile(r"^step-(\d+)$")
 # .tmp-step-0000002-1234-myhost ; legacy names had no host part
 _AUX_RE = re.compile(r"^\.(tmp|old|trash)-(step-\d+)-(\d+)(?:-([A-Za-z0-9]*))?$")
-_SAFETENSORS = ("model.safetensors", "ema.safetensors", "optimizer.safetensors")
+_SAFETENSORS = ("model.safetensors", "ema.safetensors", "ema2.safetensors", "optimizer.safetensors")
 
 
 @dataclass
@@ -70,13 +71,23 @@ class Checkpoint:
     optimizer: dict[str, np.ndarray] | None = None
     state: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    ema2: dict[str, np.ndarray] | None = None
 
     @property
     def step(self) -> int:
         return int(self.state.get("step", 0))
 
-    def inference_weights(self) -> dict[str, np.ndarray]:
-        """EMA weights when present (what sampling should use), else the raw weights."""
+    def inference_weights(self, which: str = "ema") -> dict[str, np.ndarray]:
+        """The weights to sample with: "ema" (the default; raw weights when the run kept
+        none), "ema2" (the second EMA) or "raw"."""
+        if which == "raw":
+            return self.weights
+        if which == "ema2":
+            if self.ema2 is None:
+                raise MlxflowError(f"checkpoint {self.path} has no second EMA (its run set no ema_decay2)")
+            return self.ema2
+        if which != "ema":
+            raise MlxflowError(f"unknown weights '{which}' (known: ema, ema2, raw)")
         return self.ema if self.ema is not None else self.weights
 
 
@@ -231,7 +242,8 @@ def _remove_tree(p: Path) -> None:
 
 def save_checkpoint(run_dir, step: int, *, family: str, model_config, train_config: TrainConfig,
                     text_encoder: str, weights: dict, ema: dict | None = None, optimizer: dict | None = None,
-                    state: dict | None = None, keep: int = 0, framework: str = "mlx") -> Path:
+                    state: dict | None = None, keep: int = 0, framework: str = "mlx",
+                    ema2: dict | None = None) -> Path:
     """Write run_dir/step-XXXXXXX atomically and durably; prune to the newest `keep` (0 keeps all).
 
     On failure (full disk, quota, read-only or missing permission, Ctrl-C) the partial
@@ -267,6 +279,8 @@ def save_checkpoint(run_dir, step: int, *, family: str, model_config, train_conf
         _write_safetensors(_np32(weights), tmp / "model.safetensors")
         if ema is not None:
             _write_safetensors(_np32(ema), tmp / "ema.safetensors")
+        if ema2 is not None:
+            _write_safetensors(_np32(ema2), tmp / "ema2.safetensors")
         if optimizer is not None:
             _write_safetensors(optimizer, tmp / "optimizer.safetensors")
         _write_bytes(tmp / "state.json", json.dumps({"step": step, **(state or {})}, indent=2).encode())
@@ -513,7 +527,7 @@ def load_checkpoint(path, family: str | None = None, with_optimizer: bool = Fals
         raise MlxflowError(f"{path} is a '{ckpt_family}' checkpoint, not '{family}'")
     state_file = path / "state.json"
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
-    ema_file, opt_file = path / "ema.safetensors", path / "optimizer.safetensors"
+    ema_file, ema2_file, opt_file = path / "ema.safetensors", path / "ema2.safetensors", path / "optimizer.safetensors"
     return Checkpoint(
         path=path,
         family=ckpt_family,
@@ -525,6 +539,7 @@ def load_checkpoint(path, family: str | None = None, with_optimizer: bool = Fals
         optimizer=_load_tensors(opt_file) if with_optimizer and opt_file.exists() else None,
         state=state,
         meta=config,
+        ema2=_load_tensors(ema2_file) if ema2_file.exists() else None,
     )
 
 

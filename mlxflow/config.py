@@ -60,6 +60,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
     ema_decay: float = 0.999
+    ema_decay2: float = 0.0  # a second EMA kept beside the first (0 = none); JiT keeps 0.9996
     cond_dropout: float = 0.15  # probability of zeroing the text embedding (enables CFG)
     time_sampler: str = "stratified"  # uniform | stratified | logit_normal
     t_mean: float = 0.0  # logit-normal parameters
@@ -200,7 +201,7 @@ JIT_PRESETS: dict[str, dict] = {
 # whose mean moves by -log(res/256) with the resolution, which is exactly t_shift = res/256
 # (shift_time(sigmoid(z), s) = sigmoid(z - log s)); label/text dropout 0.1 for CFG; bf16.
 _JIT_RECIPE = dict(betas=(0.9, 0.95), weight_decay=0.0, grad_clip=0.0, min_lr_ratio=1.0, cond_dropout=0.1,
-                   time_sampler="logit_normal", t_mean=-0.8, t_std=0.8, ema_decay=0.9999)
+                   time_sampler="logit_normal", t_mean=-0.8, t_std=0.8, ema_decay=0.9999, ema_decay2=0.9996)
 JIT_TRAIN_PRESETS: dict[str, dict] = {
     "B/16": dict(_JIT_RECIPE, steps=750_000, batch_size=256, lr=5e-5, warmup_steps=6_250, bf16=True, flip=True,
                  t_shift=1.0),

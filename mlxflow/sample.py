@@ -135,15 +135,15 @@ def conditions_for(ckpt, prompts: list[str], *, embeddings: np.ndarray | None = 
 
 def generate(ckpt_path, prompts: list[str], *, n: int = 1, steps: int = 20, solver: str = "heun",
              cfg_scale: float = 3.0, seed: int = 0, interval=None, embeddings: np.ndarray | None = None,
-             loaded: tuple | None = None):
+             loaded: tuple | None = None, weights: str = "ema"):
     """Yields (i, t, x) for n samples of every prompt (prompt-major order); see sample_steps.
 
     Prompts are text, class names/indices, or nothing, as the checkpoint is conditioned
     (see conditions_for). `loaded` = (model, ckpt) from models.load_model reuses a model a
     server already holds (then `ckpt_path` is ignored). Returns (model, ckpt, generator)
-    so the caller knows the total before iterating.
+    so the caller knows the total before iterating. `weights`: "ema", "ema2" or "raw".
     """
-    model, ckpt = loaded if loaded is not None else load_model(ckpt_path)
+    model, ckpt = loaded if loaded is not None else load_model(ckpt_path, use_ema=weights)
     table = conditions_for(ckpt, prompts, embeddings=embeddings)
     cond = mx.array(np.repeat(table, n, axis=0))
     gen = sample_steps(model, cond, steps=steps, solver=solver, cfg_scale=cfg_scale, seed=seed, interval=interval,

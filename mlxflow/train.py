@@ -55,15 +55,16 @@ def make_optimizer(cfg: TrainConfig, lr: float | None = None) -> optim.AdamW:
                        weight_decay=cfg.weight_decay, bias_correction=True)
 
 
-def make_train_step(model, ema, optimizer, cfg: TrainConfig, family=None):
+def make_train_step(model, ema, optimizer, cfg: TrainConfig, family=None, ema2=None):
     """The compiled optimizer step: (images (A,B,H,W,C), cond (A,B,...), key) -> (loss, grad_norm).
 
     `family` (default: the one of model.config) says what the network predicts and what it
     is conditioned on (see mlxflow.conditioning); cond is the per-sample table's rows.
+    `ema2`, when given, is a second EMA updated with cfg.ema_decay2.
     """
     fam = family or family_of(model.config)
     kind, mcfg = kind_of(fam, model.config), model.config
-    state = [model.state, optimizer.state, ema.state]
+    state = [model.state, optimizer.state, ema.state] + ([ema2.state] if ema2 is not None else [])
     compute_dtype = mx.bfloat16 if cfg.bf16 else mx.float32
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
 
@@ -99,8 +100,10 @@ def make_train_step(model, ema, optimizer, cfg: TrainConfig, family=None):
         # The norm is reported even without clipping (an infinite bound clips nothing).
         grads, grad_norm = optim.clip_grad_norm(grads, max_norm)
         optimizer.update(model, grads)
-        d = cfg.ema_decay
-        ema.update(tree_map(lambda e, p: d * e + (1 - d) * p.astype(e.dtype), ema.parameters(), model.parameters()))
+        for average, d in ((ema, cfg.ema_decay), (ema2, cfg.ema_decay2)):
+            if average is not None:
+                average.update(tree_map(lambda e, p: d * e + (1 - d) * p.astype(e.dtype), average.parameters(),
+                                        model.parameters()))
         return total_loss / accum, grad_norm
 
     return train_step
@@ -122,26 +125,36 @@ class MLXSession:
         self.model = fam.build(plan.model_config, "mlx")
         self.ema = fam.build(plan.model_config, "mlx")
         self.ema.update(self.model.parameters())
+        self.ema2 = None
+        if cfg.ema_decay2 > 0:
+            self.ema2 = fam.build(plan.model_config, "mlx")
+            self.ema2.update(self.model.parameters())
         self.optimizer = make_optimizer(cfg)
         self.optimizer.init(self.model.trainable_parameters())
         ck = plan.checkpoint
         if ck is not None:
             load_weights_into(self.model, ck.weights, f"checkpoint {ck.path}")
             load_weights_into(self.ema, ck.ema if ck.ema is not None else ck.weights, f"checkpoint {ck.path} (EMA)")
+            if self.ema2 is not None:
+                load_weights_into(self.ema2, ck.ema2 if ck.ema2 is not None else ck.weights,
+                                  f"checkpoint {ck.path} (second EMA)")
             self.optimizer.state = tree_unflatten([(k, mx.array(v)) for k, v in ck.optimizer.items()])
-        mx.eval(self.model.parameters(), self.ema.parameters(), self.optimizer.state)
-        self.train_step = make_train_step(self.model, self.ema, self.optimizer, cfg, fam)
+        mx.eval(self.model.parameters(), self.ema.parameters(), self.optimizer.state,
+                self.ema2.parameters() if self.ema2 is not None else [])
+        self.train_step = make_train_step(self.model, self.ema, self.optimizer, cfg, fam, self.ema2)
 
     def step(self, step: int, micro: list[dict], lr: float) -> tuple[float, float]:
         self.optimizer.learning_rate = mx.array(lr, mx.float32)
         images = mx.array(np.stack([b["image"] for b in micro]))
         text = mx.array(np.stack([b["text"] for b in micro]))
         loss, grad_norm = self.train_step(images, text, step_key(self.cfg.seed, step))
-        mx.eval(loss, grad_norm, self.model.state, self.optimizer.state, self.ema.state)
+        mx.eval(loss, grad_norm, self.model.state, self.optimizer.state, self.ema.state,
+                self.ema2.state if self.ema2 is not None else [])
         return loss.item(), grad_norm.item()
 
     def checkpoint_tensors(self, step: int) -> dict:
         return {"weights": weights_numpy(self.model), "ema": weights_numpy(self.ema),
+                "ema2": weights_numpy(self.ema2) if self.ema2 is not None else None,
                 "optimizer": {k: np.array(v) for k, v in tree_flatten(self.optimizer.state)}}
 
     def ema_weights(self) -> dict[str, np.ndarray]:

@@ -190,6 +190,12 @@ class TorchSession:
         if ck is not None and ck.ema is not None:
             ema_sd = _from_mlx(ck.ema, mcfg, fam.name, f"checkpoint {ck.path} (EMA)")
             self.ema = {k: v.to(device) for k, v in ema_sd.items()}
+        self.ema2 = None
+        if cfg.ema_decay2 > 0:
+            self.ema2 = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+            if ck is not None and ck.ema2 is not None:
+                ema2_sd = _from_mlx(ck.ema2, mcfg, fam.name, f"checkpoint {ck.path} (second EMA)")
+                self.ema2 = {k: v.to(device) for k, v in ema2_sd.items()}
         self.opt = make_optimizer(model.parameters(), cfg)
         if ck is not None:
             optimizer_state_from_numpy(self.opt, model, mcfg, fam.name, ck.optimizer, f"checkpoint {ck.path}")
@@ -235,16 +241,20 @@ class TorchSession:
         self.opt.step()
         with torch.no_grad():
             # EMA after every optimizer step: ema += (1 - decay) * (w - ema).
-            for k, w in self.model.state_dict().items():
-                if w.is_floating_point():
-                    self.ema[k].lerp_(w.float(), 1.0 - cfg.ema_decay)
-                else:
-                    self.ema[k].copy_(w)
+            for average, decay in ((self.ema, cfg.ema_decay), (self.ema2, cfg.ema_decay2)):
+                if average is None:
+                    continue
+                for k, w in self.model.state_dict().items():
+                    if w.is_floating_point():
+                        average[k].lerp_(w.float(), 1.0 - decay)
+                    else:
+                        average[k].copy_(w)
         return loss_val, grad_norm
 
     def checkpoint_tensors(self, step: int) -> dict:
         name = self.family.name
         return {"weights": _to_mlx(self.model.state_dict(), self.mcfg, name), "ema": _to_mlx(self.ema, self.mcfg, name),
+                "ema2": _to_mlx(self.ema2, self.mcfg, name) if self.ema2 is not None else None,
                 "optimizer": optimizer_state_to_numpy(self.opt, self.model, self.mcfg, name, self.lr)}
 
     def ema_weights(self) -> dict[str, np.ndarray]:

@@ -6,7 +6,7 @@ periodic checkpoints and samples, Ctrl-C at a step boundary) -> final checkpoint
 Everything here is framework-free; a framework supplies a small `Session`:
 
     session.step(step, micro_batches, lr) -> (loss, grad_norm)   host floats, one optimizer step
-    session.checkpoint_tensors(step)      -> {"weights", "ema", "optimizer"} (MLX names/layouts, numpy)
+    session.checkpoint_tensors(step)      -> {"weights", "ema", "optimizer"[, "ema2"]} (MLX names/layouts, numpy)
     session.ema_weights()                 -> EMA weights (MLX names/layouts, numpy) for sample grids
     session.rank, session.world, session.barrier(), session.any_rank(flag)
 
@@ -268,7 +268,7 @@ def run_training(plan: RunPlan, session, *, framework: str,
             path = save_checkpoint(
                 plan.run_dir, at_step, family=plan.family.name, model_config=plan.model_config, train_config=cfg,
                 text_encoder=plan.text_encoder, weights=tensors["weights"], ema=tensors["ema"],
-                optimizer=tensors["optimizer"],
+                ema2=tensors.get("ema2"), optimizer=tensors["optimizer"],
                 state={"batches_consumed": position, "loss": losses[-1] if losses else None,
                        "dataset": str(getattr(plan.dataset, "path", "")), "world_size": session.world,
                        **({"classes": classes} if classes else {}), **(extra_state or {})},

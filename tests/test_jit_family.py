@@ -157,3 +157,34 @@ def test_heun_with_an_euler_last_step_never_evaluates_t1():
 
     *_, (_, t, x) = integrate(velocity, np.ones(2), 4, "heun_euler_last")
     assert t == 1.0 and max(seen) < 1.0 and len(seen) == 2 * 4 - 1
+
+
+def test_second_ema_is_kept_resumed_and_sampled(tmp_path, shapes_dataset, capsys):
+    """JiT keeps two EMAs (0.9999 and 0.9996 in its presets); both trainers carry the second."""
+    from mlxflow.models import text
+    from mlxflow.train_torch import train_torch
+
+    from conftest import caption_code_encoder
+
+    ds, emb = shapes_dataset
+    kw = dict(family="jit", embeddings=emb, text_encoder="codes")
+    cfg = lambda steps: jit_train_config(steps=steps, ema_decay=0.9, ema_decay2=0.5, ckpt_every=0)  # noqa: E731
+    full = train(tmp_path / "full", ds, micro_jit(), cfg(4), **kw)
+    train(tmp_path / "split", ds, micro_jit(), cfg(2), **kw)
+    train(tmp_path / "split", ds, micro_jit(), cfg(4), resume="latest", **kw)
+    a, b = load_checkpoint(full["checkpoint"]), load_checkpoint(tmp_path / "split")
+    assert all(np.array_equal(a.ema2[k], b.ema2[k]) for k in a.ema2)  # resumed exactly
+    # A faster average sits between the slow one and the raw weights.
+    k = "final_layer.linear.weight"
+    assert np.abs(a.ema2[k] - a.weights[k]).max() < np.abs(a.ema[k] - a.weights[k]).max()
+    train_torch(tmp_path / "split", ds, micro_jit(), cfg(5), resume="latest", **kw)
+    assert load_checkpoint(tmp_path / "split").ema2 is not None
+    text._CACHE["codes"] = caption_code_encoder("codes", ds.captions, emb)
+    try:
+        assert cli.main(["sample", str(tmp_path / "split"), "red square", "--weights", "ema2", "--steps", "2",
+                         "--output", str(tmp_path / "g.png")]) == 0
+    finally:
+        text._CACHE.pop("codes")
+    one = train(tmp_path / "one", ds, micro_jit(), jit_train_config(steps=1, ema_decay2=0.0), **kw)
+    with pytest.raises(MlxflowError, match="has no second EMA"):
+        load_checkpoint(one["checkpoint"]).inference_weights("ema2")

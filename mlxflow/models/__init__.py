@@ -31,14 +31,19 @@ def load_weights_into(module, weights: dict, where: str) -> None:
     module.load_weights([(k, mx.array(v)) for k, v in weights.items()])
 
 
-def load_model(ckpt_or_path, use_ema: bool = True):
-    """(MLX model with the checkpoint's weights, evaluated; Checkpoint). EMA weights when present."""
+def load_model(ckpt_or_path, use_ema: bool | str = True):
+    """(MLX model with the checkpoint's weights, evaluated; Checkpoint).
+
+    use_ema: True / "ema" (the EMA, when the run kept one), "ema2" (the second EMA), or
+    False / "raw" (the raw weights).
+    """
     import mlx.core as mx
 
     from ..checkpoint import Checkpoint, load_checkpoint
 
     ckpt = ckpt_or_path if isinstance(ckpt_or_path, Checkpoint) else load_checkpoint(ckpt_or_path)
     model = build_model(ckpt.family, ckpt.model_config)
-    load_weights_into(model, ckpt.inference_weights() if use_ema else ckpt.weights, f"checkpoint {ckpt.path}")
+    which = {True: "ema", False: "raw"}.get(use_ema, use_ema)
+    load_weights_into(model, ckpt.inference_weights(which), f"checkpoint {ckpt.path}")
     mx.eval(model.parameters())
     return model, ckpt
