@@ -68,8 +68,9 @@ def cmd_train(args) -> int:
     from mlxflow import api
 
     overrides = {"batch_size": args.batch_size, "lr": args.lr, "grad_accum": args.grad_accum,
-                 "bf16": True if args.bf16 else None, "seed": args.seed, "ckpt_every": args.ckpt_every,
-                 "sample_every": args.sample_every, "log_every": None}
+                 "bf16": args.bf16, "seed": args.seed, "ckpt_every": args.ckpt_every,
+                 "sample_every": args.sample_every, "log_every": None, "compile": args.compile,
+                 "fused_adamw": args.fused_adamw}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     log_every = args.log_every
     label = "train" if args.framework == "mlx" else f"train ({args.framework})"
@@ -276,7 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int)
     t.add_argument("--lr", type=float)
     t.add_argument("--grad-accum", type=int)
-    t.add_argument("--bf16", action="store_true")
+    t.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: the preset's)")
+    t.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="(torch) torch.compile the model (default: on with CUDA)")
+    t.add_argument("--fused-adamw", action=argparse.BooleanOptionalAction,
+                   help="(torch) fused AdamW kernel (default: on with CUDA)")
     t.add_argument("--seed", type=int)
     t.add_argument("--ckpt-every", type=int)
     t.add_argument("--sample-every", type=int)

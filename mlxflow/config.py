@@ -68,6 +68,9 @@ class TrainConfig:
     t_shift: float = 1.0  # resolution shift (>1 spends more steps near noise)
     noise_scale: float = 1.0  # x0 ~ N(0, noise_scale^2): JiT uses 2 at 512px so noise still dominates
     bf16: bool = False
+    # torch only; None = on for CUDA, off elsewhere (measure before changing either default).
+    compile: bool | None = None  # torch.compile the training forward/backward
+    fused_adamw: bool | None = None  # torch.optim.AdamW(fused=True): one kernel for all parameters
     flip: bool = False  # horizontal flips; off for emoji, many of which are directional
     seed: int = 0
     log_every: int = 10

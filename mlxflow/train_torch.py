@@ -73,10 +73,18 @@ def draw_step_noise(cfg: TrainConfig, step: int, micro: int, batch: int, image_s
     return x0, t, keep
 
 
-def make_optimizer(params, cfg: TrainConfig, lr: float | None = None) -> torch.optim.AdamW:
-    """torch's AdamW with the recipe's betas, eps 1e-8 and decoupled decay (the MLX twin: train.make_optimizer)."""
+def make_optimizer(params, cfg: TrainConfig, lr: float | None = None, fused: bool = False) -> torch.optim.AdamW:
+    """torch's AdamW with the recipe's betas, eps 1e-8 and decoupled decay (the MLX twin: train.make_optimizer).
+
+    fused=True runs the update of every parameter in one kernel (same math, other rounding order).
+    """
     return torch.optim.AdamW(params, lr=cfg.lr if lr is None else lr, betas=tuple(cfg.betas), eps=1e-8,
-                             weight_decay=cfg.weight_decay)
+                             weight_decay=cfg.weight_decay, **({"fused": True} if fused else {}))
+
+
+def cuda_default(flag: bool | None, device: torch.device) -> bool:
+    """A speed option left unset (None) is on for CUDA and off elsewhere."""
+    return device.type == "cuda" if flag is None else bool(flag)
 
 
 # ----------------------------------------------------------------------------- weights and state
@@ -196,7 +204,8 @@ class TorchSession:
             if ck is not None and ck.ema2 is not None:
                 ema2_sd = _from_mlx(ck.ema2, mcfg, fam.name, f"checkpoint {ck.path} (second EMA)")
                 self.ema2 = {k: v.to(device) for k, v in ema2_sd.items()}
-        self.opt = make_optimizer(model.parameters(), cfg)
+        self.fused = cuda_default(cfg.fused_adamw, device)
+        self.opt = make_optimizer(model.parameters(), cfg, fused=self.fused)
         if ck is not None:
             optimizer_state_from_numpy(self.opt, model, mcfg, fam.name, ck.optimizer, f"checkpoint {ck.path}")
         self.ddp_model = model
@@ -204,6 +213,11 @@ class TorchSession:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.compiled = cuda_default(cfg.compile, device)
+        if self.compiled:
+            # Compiles the forward (and so the backward); the weights stay self.model's, so
+            # checkpoints, the EMA and the optimizer see the same tensors.
+            self.ddp_model = torch.compile(self.ddp_model)
         # bf16 autocast: matmuls/convs in bf16, fp32 master weights and optimizer state, loss in fp32.
         self.amp = (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if cfg.bf16 else nullcontext
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -300,8 +314,9 @@ def train_torch(run_dir, dataset, model_config, train_config: TrainConfig, *, fa
 # ----------------------------------------------------------------------------- benchmark
 
 def benchmark_torch(model_config, batch_size: int, *, family: str, steps: int = 10, warmup: int = 3, device=None,
-                    bf16: bool = False) -> dict:
-    """Timed training steps (forward + backward + AdamW) on random data.
+                    bf16: bool = False, compile: bool | None = None, fused_adamw: bool | None = None) -> dict:
+    """Timed training steps (forward + backward + AdamW) on random data, with the trainer's
+    speed options (compile and fused AdamW default to on with CUDA, as in training).
 
     Returns {"img_per_s", "device", "peak_mem_mb", "peak_mem_kind", "params", "step_ms"}.
     peak_mem_kind is "cuda_max_allocated" on CUDA, else "process_max_rss" (whole process,
@@ -311,7 +326,8 @@ def benchmark_torch(model_config, batch_size: int, *, family: str, steps: int = 
     dev = torch.device(device or default_device())
     torch.manual_seed(0)
     model = fam.build(model_config, "torch").to(dev).train()
-    opt = make_optimizer(model.parameters(), TrainConfig(lr=1e-4))
+    opt = make_optimizer(model.parameters(), TrainConfig(lr=1e-4), fused=cuda_default(fused_adamw, dev))
+    net = torch.compile(model) if cuda_default(compile, dev) else model
     h, w, c = fam.network_shape(model_config)
     x1 = torch.randn(batch_size, c, h, w, device=dev)
     x0 = torch.randn(batch_size, c, h, w, device=dev)
@@ -326,7 +342,7 @@ def benchmark_torch(model_config, batch_size: int, *, family: str, steps: int = 
     def one_step():
         opt.zero_grad(set_to_none=True)
         with amp:
-            loss = flow_matching_loss(model, x1, x0, t, text, fam.prediction)
+            loss = flow_matching_loss(net, x1, x0, t, text, fam.prediction)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -348,6 +364,7 @@ def benchmark_torch(model_config, batch_size: int, *, family: str, steps: int = 
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         peak, kind = (rss / 2**20 if sys.platform == "darwin" else rss / 1024), "process_max_rss"
     return {"framework": "torch", "img_per_s": batch_size * steps / dt, "step_ms": 1000 * dt / steps,
+            "compile": net is not model, "fused_adamw": cuda_default(fused_adamw, dev), "bf16": bf16,
             "device": str(dev), "peak_mem_mb": round(peak, 1), "peak_mem_kind": kind,
             "params": sum(p.numel() for p in model.parameters())}
 
@@ -369,7 +386,9 @@ def main(argv=None):
     p.add_argument("--lr", type=float)
     p.add_argument("--ckpt-every", type=int)
     p.add_argument("--seed", type=int)
-    p.add_argument("--bf16", action="store_true", default=None)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: the preset's)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on with CUDA)")
+    p.add_argument("--fused-adamw", action=argparse.BooleanOptionalAction, help="fused AdamW (default: on with CUDA)")
     p.add_argument("--text-encoder", default="minilm")
     p.add_argument("--embeddings", help="precomputed float32 (N, L, D) caption embeddings (.npy)")
     p.add_argument("--resume", help="'latest' or a checkpoint folder")
@@ -382,7 +401,8 @@ def main(argv=None):
         emb = np.load(a.embeddings) if a.embeddings else None
         mcfg = fam.model_config(a.preset)  # text_dim/text_tokens follow the embeddings
         tcfg = fam.train_config(a.preset, steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum,
-                                lr=a.lr, ckpt_every=a.ckpt_every, seed=a.seed, bf16=a.bf16)
+                                lr=a.lr, ckpt_every=a.ckpt_every, seed=a.seed, bf16=a.bf16, compile=a.compile,
+                                fused_adamw=a.fused_adamw)
 
         def log(info):
             if info.step % max(tcfg.log_every, 1) == 0 or info.step == info.total:

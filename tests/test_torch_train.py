@@ -160,3 +160,20 @@ def test_benchmark_reports_throughput(micro_config):
     r = benchmark_torch(micro_config, batch_size=4, family="emoji", steps=2, warmup=1)
     assert r["img_per_s"] > 0 and r["params"] > 0 and r["device"] == "cpu"
     assert r["peak_mem_kind"] == "process_max_rss" and r["peak_mem_mb"] > 0
+
+
+def test_cuda_speed_options_default_off_on_cpu_and_can_be_forced(tmp_path, shapes_dataset, micro_config):
+    """compile and fused AdamW are on by default only with CUDA; fused AdamW also runs on the CPU."""
+    from mlxflow.train_torch import cuda_default
+
+    assert cuda_default(None, torch.device("cuda")) and not cuda_default(None, torch.device("cpu"))
+    assert cuda_default(True, torch.device("cpu")) and not cuda_default(False, torch.device("cuda"))
+    ds, emb = shapes_dataset
+    plain = train_torch(tmp_path / "a", ds, micro_config, quick_train_config(steps=3), family="emoji", embeddings=emb)
+    torch.use_deterministic_algorithms(False)  # the fused kernel is not on the deterministic list
+    fused = train_torch(tmp_path / "b", ds, micro_config, quick_train_config(steps=3, fused_adamw=True),
+                        family="emoji", embeddings=emb)
+    # Same math in one kernel: the losses agree to rounding.
+    np.testing.assert_allclose(fused["losses"], plain["losses"], rtol=1e-4)
+    r = benchmark_torch(micro_config, batch_size=4, family="emoji", steps=1, warmup=1)
+    assert r["compile"] is False and r["fused_adamw"] is False
