@@ -13,7 +13,7 @@ drawn for the GLOBAL batch; a DDP rank then takes its slice. Two consequences:
   * N ranks x B/N rows see exactly the noise one process with B rows would.
 
 Run data-parallel with
-    torchrun --nproc_per_node 2 -m mlxflow.train_torch --data DIR --preset tiny --steps N --out RUN
+    torchrun --nproc_per_node 2 -m mlxflow.train_torch --family emoji --data DIR --preset tiny --steps N --out RUN
 """
 
 from __future__ import annotations
@@ -378,7 +378,7 @@ def main(argv=None):
                                 description="Train with the PyTorch twin (single process or under torchrun).")
     p.add_argument("--data", required=True, help="dataset folder")
     p.add_argument("--out", required=True, help="run folder for checkpoints")
-    p.add_argument("--family", default="emoji", choices=family_names())
+    p.add_argument("--family", required=True, choices=family_names())
     p.add_argument("--preset")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", type=int)

@@ -90,7 +90,7 @@ def test_torchrun_entry_point(tmp_path):
     _, emb = make_shapes_dataset(tmp_path / "data", size=32)
     np.save(tmp_path / "emb.npy", emb)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "mlxflow.train_torch", "--data", str(tmp_path / "data"),
+           "--master_port", str(free_port()), "-m", "mlxflow.train_torch", "--family", "emoji", "--data", str(tmp_path / "data"),
            "--preset", "tiny", "--steps", "2", "--batch-size", "4", "--ckpt-every", "0",
            "--embeddings", str(tmp_path / "emb.npy"), "--out", str(tmp_path / "run")]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
