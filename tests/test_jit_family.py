@@ -54,12 +54,12 @@ def test_recipe_is_the_papers():
     cfg = get_family("jit").train_config("B/16")
     assert (cfg.betas, cfg.weight_decay, cfg.grad_clip, cfg.min_lr_ratio) == ((0.9, 0.95), 0.0, 0.0, 1.0)
     assert (cfg.time_sampler, cfg.t_mean, cfg.t_std, cfg.cond_dropout) == ("logit_normal", -0.8, 0.8, 0.1)
-    # mu = -0.8 - log(res / 256) is the same distribution as t_shift = res / 256.
+    # mu = -0.8 - log(res / 256) (the seed's resolution shift) is the same distribution as t_shift = res / 256.
     from mlxflow.flow import logit_normal_time
 
     z = np.linspace(-3, 3, 7)
     res = 64
-    shifted = logit_normal_time(z, -0.8, 0.8, shift=get_family("jit").train_config("emoji64").t_shift)
+    shifted = logit_normal_time(z, -0.8, 0.8, shift=res / 256)
     direct = 1 / (1 + np.exp(-(-0.8 - np.log(res / 256) + 0.8 * z)))
     np.testing.assert_allclose(shifted, direct, rtol=1e-12)
 
