@@ -193,8 +193,11 @@ JIT_PRESETS: dict[str, dict] = {
     "emoji64": dict(image_size=64, patch_size=8, patch_stride=4, bottleneck=96, dim=384, depth=6,
                     heads=6, in_context_tokens=8, in_context_start=2, conditioning="text",
                     text_dim=384, text_tokens=1),
-    # Tests and 2-core CPU runs: 32x32, patch 8 every 4 px (7x7 tokens), ~0.4M params.
-    "tiny": dict(image_size=32, patch_size=8, patch_stride=4, bottleneck=32, dim=64, depth=4, heads=4,
+    # 2-core CPU runs: 32x32, patch 4 (8x8 tokens), 4 blocks of width 128, ~1.3M params.
+    # Measured on the emoji set (1,000 steps, batch 32, unshifted t): this drew yellow faces
+    # with eyes and mouths and pink hearts, where patch 8 every 4 px at width 64 (0.37M)
+    # drew softer blobs.
+    "tiny": dict(image_size=32, patch_size=4, patch_stride=4, bottleneck=32, dim=128, depth=4, heads=4,
                  in_context_tokens=4, in_context_start=1, conditioning="text", text_dim=384, text_tokens=1),
 }
 

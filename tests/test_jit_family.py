@@ -134,7 +134,7 @@ def test_jit_user_errors_are_one_line(tmp_path, capsys):
     code = cli.main(["data", "classes", str(tmp_path / "ds"), "--images", str(tmp_path / "one")])
     assert code == 1 and "needs at least 2 class subfolders with images, found 1 (red)" in capsys.readouterr().err
     with pytest.raises(MlxflowError, match=r"image_size - patch_size \(30 - 8\) must be divisible by patch_stride 4"):
-        get_family("jit").model_config("tiny", image_size=30)
+        get_family("jit").model_config("emoji64", image_size=30)
     # A captioned set cannot feed a family whose conditioning is fixed to something else.
     ds, emb = make_shapes_dataset(tmp_path / "shapes")
     meta = json.loads((tmp_path / "shapes" / "dataset.json").read_text())
