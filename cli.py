@@ -117,6 +117,7 @@ def cmd_sample(args) -> int:
         path = api.sample(args.ckpt, prompts, args.output, n=args.n, steps=steps, solver=solver,
                           cfg_scale=cfg, seed=args.seed, interval=interval,
                           preview_dir=args.preview_dir, preview_every=args.preview_every, weights=args.weights,
+                          framework=args.framework, device=args.device,
                           on_step=lambda i, total: progress.update(task, completed=i))
     out.print(str(path))
     return 0
@@ -302,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = off; default: the family's)")
     s.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LO", "HI"), help="apply CFG only for t in [LO, HI]")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--framework", choices=["mlx", "torch"], default="mlx",
+                   help="sample with MLX, or with the torch twin (faster on a Linux CPU; CUDA)")
+    s.add_argument("--device", help="(torch) cpu | cuda | mps (default: best available)")
     s.add_argument("--weights", choices=["ema", "ema2", "raw"], default="ema",
                    help="which weights to sample with: the EMA, the second EMA (JiT), or the raw weights")
     s.add_argument("--preview-dir", help="write a grid every --preview-every steps here")

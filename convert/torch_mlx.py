@@ -137,12 +137,12 @@ def _as_checkpoint(ckpt_or_path) -> Checkpoint:
     return ckpt_or_path if isinstance(ckpt_or_path, Checkpoint) else load_checkpoint(Path(ckpt_or_path))
 
 
-def _pick_weights(ckpt: Checkpoint, use_ema: bool) -> dict:
-    return ckpt.inference_weights() if use_ema else ckpt.weights
+def _pick_weights(ckpt: Checkpoint, use_ema: bool | str) -> dict:
+    return ckpt.inference_weights({True: "ema", False: "raw"}.get(use_ema, use_ema))
 
 
-def load_torch_model(ckpt_or_path, device: str = "cpu", use_ema: bool = True):
-    """-> (torch model in eval mode on `device`, Checkpoint). EMA weights when present and use_ema."""
+def load_torch_model(ckpt_or_path, device: str = "cpu", use_ema: bool | str = True):
+    """-> (torch model in eval mode on `device`, Checkpoint). use_ema: True/"ema", "ema2", or False/"raw"."""
     ckpt = _as_checkpoint(ckpt_or_path)
     model = get_family(ckpt.family).build(ckpt.model_config, "torch")
     state = mlx_to_torch(_pick_weights(ckpt, use_ema), ckpt.model_config, ckpt.family, where=f"checkpoint {ckpt.path}")

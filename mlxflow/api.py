@@ -147,15 +147,19 @@ def sample_grid(model, embeddings: np.ndarray, *, steps: int = 20, solver: str =
 
 def sample(ckpt, prompts: list[str], output, *, n: int = 1, steps: int = 20, solver: str = "heun",
            cfg_scale: float = 3.0, seed: int = 0, interval=None, preview_dir=None, preview_every: int = 0,
-           on_step: Callable[[int, int], None] | None = None, weights: str = "ema") -> Path:
-    """Generate n images per prompt into one grid PNG (a row per prompt); returns its path."""
+           on_step: Callable[[int, int], None] | None = None, weights: str = "ema", framework: str = "mlx",
+           device: str | None = None) -> Path:
+    """Generate n images per prompt into one grid PNG (a row per prompt); returns its path.
+
+    framework="torch" samples with the torch twin (CPU, CUDA or MPS) from the same noise.
+    """
     from .sample import generate, make_grid, save_png
 
     out = Path(output)
     if out.suffix.lower() != ".png":
         raise MlxflowError(f"--output must end in .png, got {out}")
     model, _, gen = generate(ckpt, prompts, n=n, steps=steps, solver=solver, cfg_scale=cfg_scale, seed=seed,
-                             interval=interval, weights=weights)
+                             interval=interval, weights=weights, framework=framework, device=device)
     x = None
     for i, t, x in gen:
         if preview_dir and preview_every and ((i + 1) % preview_every == 0 or i + 1 == steps):

@@ -54,6 +54,40 @@ def sample_steps(model, text: mx.array, *, steps: int = 20, solver: str = "heun"
         yield i, t, x
 
 
+def sample_steps_torch(model, cond: np.ndarray, *, steps: int = 20, solver: str = "heun", cfg_scale: float = 1.0,
+                       seed: int = 0, interval: tuple[float, float] | None = None, shift: float = 1.0,
+                       noise_scale: float = 1.0, family=None,
+                       device: str = "cpu") -> Iterator[tuple[int, float, np.ndarray]]:
+    """sample_steps with the torch twin (CPU, CUDA or MPS): same conditions, same noise.
+
+    The noise is drawn with MLX's RNG from `seed`, exactly as sample_steps draws it, so both
+    frameworks start from the same point and end at the same images up to float rounding.
+    CFG runs as one batched call. Yields (i, t, x) with x (N,H,W,C) float32 numpy.
+    """
+    import torch
+
+    from .conditioning import kind_of, network_input, unconditional
+    from .families import family_of
+
+    fam = family or family_of(model.config)
+    kind = kind_of(fam, model.config)
+    n = len(cond)
+    noise = noise_scale * mx.random.normal((n, *fam.network_shape(model.config)), key=mx.random.key(seed))
+    x = torch.from_numpy(np.array(noise).transpose(0, 3, 1, 2).copy()).to(device)
+    c = torch.from_numpy(np.asarray(cond)).to(device)
+
+    def model_fn(x, t: float, c):
+        tt = torch.full((x.shape[0],), t, dtype=torch.float32, device=device)
+        return to_velocity(fam.prediction, model(x, tt, network_input(kind, c)), x, tt)
+
+    if kind == "none":
+        cfg_scale = 1.0
+    velocity = guided(model_fn, c, unconditional(kind, c, model.config), cfg_scale, interval)
+    with torch.no_grad():
+        for i, t, x in integrate(velocity, x, steps, solver, shift):
+            yield i, t, x.float().permute(0, 2, 3, 1).cpu().numpy()
+
+
 def to_uint8(x) -> np.ndarray:
     """Model space [-1, 1] (N,H,W,3) -> uint8 images."""
     x = np.asarray(x.astype(mx.float32) if isinstance(x, mx.array) else x)
@@ -135,14 +169,29 @@ def conditions_for(ckpt, prompts: list[str], *, embeddings: np.ndarray | None = 
 
 def generate(ckpt_path, prompts: list[str], *, n: int = 1, steps: int = 20, solver: str = "heun",
              cfg_scale: float = 3.0, seed: int = 0, interval=None, embeddings: np.ndarray | None = None,
-             loaded: tuple | None = None, weights: str = "ema"):
+             loaded: tuple | None = None, weights: str = "ema", framework: str = "mlx", device: str | None = None):
     """Yields (i, t, x) for n samples of every prompt (prompt-major order); see sample_steps.
 
     Prompts are text, class names/indices, or nothing, as the checkpoint is conditioned
     (see conditions_for). `loaded` = (model, ckpt) from models.load_model reuses a model a
     server already holds (then `ckpt_path` is ignored). Returns (model, ckpt, generator)
     so the caller knows the total before iterating. `weights`: "ema", "ema2" or "raw".
+    framework="torch" samples with the torch twin on `device` (default: the best there is);
+    x is then numpy (N,H,W,C).
     """
+    if framework == "torch":
+        from convert.torch_mlx import load_torch_model
+
+        from .torch_ref import default_device
+
+        device = device or default_device()
+        model, ckpt = loaded if loaded is not None else load_torch_model(ckpt_path, device=device, use_ema=weights)
+        table = conditions_for(ckpt, prompts, embeddings=embeddings)
+        gen = sample_steps_torch(model, np.repeat(table, n, axis=0), steps=steps, solver=solver, cfg_scale=cfg_scale,
+                                 seed=seed, interval=interval, noise_scale=ckpt.train_config.noise_scale, device=device)
+        return model, ckpt, gen
+    if framework != "mlx":
+        raise MlxflowError(f"unknown framework '{framework}' (known: mlx, torch)")
     model, ckpt = loaded if loaded is not None else load_model(ckpt_path, use_ema=weights)
     table = conditions_for(ckpt, prompts, embeddings=embeddings)
     cond = mx.array(np.repeat(table, n, axis=0))

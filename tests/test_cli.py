@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 import cli
 from mlxflow.checkpoint import save_checkpoint
@@ -106,3 +107,26 @@ def test_export_options_parse():
                                           "--compress", "palettize6", "--batch-sizes", "1", "2", "4"])
     assert (args.target, args.deployment_target, args.compress, args.batch_sizes) == \
         ("coreml", "iOS18", "palettize6", [1, 2, 4])
+
+
+def test_sample_with_the_torch_twin_matches_mlx(capsys, tmp_path, monkeypatch):
+    """`sample --framework torch` draws the same images as MLX from the same checkpoint and seed."""
+    pytest.importorskip("torch")
+    from PIL import Image
+
+    from mlxflow.models import text
+    from mlxflow.train import train
+
+    ds, emb = make_shapes_dataset(tmp_path / "d", n=16)
+    monkeypatch.setitem(text._CACHE, "fake", caption_code_encoder("fake", ds.captions, emb))
+    train(tmp_path / "r", ds, micro_emoji_config(), quick_train_config(steps=3), family="emoji",
+          text_encoder="fake", embeddings=emb)
+    grids = {}
+    for fw in ("mlx", "torch"):
+        code, out, err = run(capsys, "sample", str(tmp_path / "r"), "red square", "blue disc", "--n", "2",
+                             "--steps", "4", "--framework", fw, "--device", "cpu", "--output", str(tmp_path / f"{fw}.png"))
+        assert code == 0, err
+        grids[fw] = np.asarray(Image.open(tmp_path / f"{fw}.png"), np.int16)
+    assert grids["mlx"].shape == grids["torch"].shape
+    # Same noise, same weights, fp32 in both: pixels differ by rounding at most one level.
+    assert np.abs(grids["mlx"] - grids["torch"]).max() <= 1
