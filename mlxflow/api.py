@@ -72,42 +72,28 @@ def train_model(family: str, data_dir, out_dir, *, preset: str | None = None, st
 
     Returns the trainer's TrainResult (checkpoint, losses, steps, interrupted, ...).
     """
-    from .conditioning import kind_of
     from .data.dataset import ImageTextDataset
     from .families import get_family
-    from .trainer import condition_table
 
     fam = get_family(family)
     mcfg = fam.model_config(preset, **(model_overrides or {}))
     tcfg = fam.train_config(preset, steps=steps, **(train_overrides or {}))
     dataset = ImageTextDataset.load(data_dir)
-    if resume is not None:
-        # A resumed run embeds with the encoder it was trained with (only config.json is read).
-        from .checkpoint import list_checkpoints, resolve_checkpoint
-
-        try:
-            if resume != "latest" or list_checkpoints(out_dir):
-                config = resolve_checkpoint(Path(out_dir) if resume == "latest" else Path(resume)) / "config.json"
-                text_encoder = json.loads(config.read_text()).get("text_encoder", text_encoder)
-        except (MlxflowError, ValueError, OSError):
-            pass  # the trainer reports the precise problem
 
     # A fixed, spread-out set of training prompts for the periodic grids.
     picks = np.linspace(0, len(dataset) - 1, min(sample_prompts, len(dataset))).astype(int)
     samples_dir = Path(out_dir) / "samples"
-    tables: dict = {}
 
-    def write_samples(step, ema_weights, model_config):
+    def write_samples(step, ema_weights, plan):
+        """A grid from the run's own conditions and settings (a resumed run's, not the preset's)."""
         from .models import load_weights_into
         from .sample import save_png
 
-        kind = kind_of(fam, model_config)
-        if kind not in tables:  # the run's conditions (text embeddings are cached on disk)
-            tables[kind] = condition_table(kind, dataset, text_encoder)
-        model = fam.build(model_config, "mlx")
+        model = fam.build(plan.model_config, "mlx")
         load_weights_into(model, ema_weights, "EMA weights")
-        grid = sample_grid(model, tables[kind][picks], steps=tcfg.sample_steps, cfg_scale=tcfg.sample_cfg, seed=0,
-                           noise_scale=tcfg.noise_scale, solver=fam.sample_defaults["solver"],
+        cfg = plan.train_config
+        grid = sample_grid(model, plan.embeddings[picks], steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg, seed=0,
+                           noise_scale=cfg.noise_scale, solver=fam.sample_defaults["solver"],
                            interval=fam.sample_defaults["cfg_interval"])
         path = save_png(grid, samples_dir / f"step-{step:07d}.png")
         if on_sample:

@@ -170,12 +170,12 @@ class MLXSession:
 def train(run_dir, dataset, model_config, train_config: TrainConfig, *, family: str, text_encoder: str = "minilm",
           resume: str | None = None, embeddings: np.ndarray | None = None,
           on_step: Callable[[StepInfo], None] | None = None, on_checkpoint: Callable | None = None,
-          on_sample: Callable[[int, dict, object], None] | None = None,
+          on_sample: Callable[[int, dict, RunPlan], None] | None = None,
           on_message: Callable[[str], None] | None = None) -> TrainResult:
     """Train (or resume) `family` with MLX on a dataset (folder or ImageTextDataset).
 
     `embeddings` (N,L,D) skips the text encoder (tests, custom conditioning).
-    `on_sample(step, ema_weights, model_config)` runs every `sample_every` steps and at the end.
+    `on_sample(step, ema_weights, plan)` runs every `sample_every` steps and at the end.
     """
     with run_lock(run_dir):
         plan = prepare_run(run_dir, family, dataset, model_config, train_config, text_encoder=text_encoder,

@@ -11,7 +11,7 @@ Everything here is framework-free; a framework supplies a small `Session`:
     session.rank, session.world, session.barrier(), session.any_rank(flag)
 
 so both frameworks get the same checkpoints, the same error messages and the same
-callbacks (`on_step(StepInfo)`, `on_checkpoint(path)`, `on_sample(step, ema_weights, model_config)`).
+callbacks (`on_step(StepInfo)`, `on_checkpoint(path)`, `on_sample(step, ema_weights, plan)`).
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ class RunPlan:
     data_position: int = 0  # micro-batches consumed before start_step
     checkpoint: Checkpoint | None = None  # what we resume from
     notes: list[str] = field(default_factory=list)  # things the user should be told
+    last_good: Path | None = None  # the newest intact checkpoint in run_dir before this run
 
 
 @dataclass
@@ -144,7 +145,8 @@ def prepare_run(run_dir, family: str, dataset, model_config, train_config: Train
 
     start = ckpt.step if ckpt is not None else 0
     position = int(ckpt.state.get("batches_consumed", start * cfg.grad_accum)) if ckpt is not None else 0
-    return RunPlan(run_dir, fam, model_config, cfg, text_encoder, dataset, embeddings, start, position, ckpt, notes)
+    return RunPlan(run_dir, fam, model_config, cfg, text_encoder, dataset, embeddings, start, position, ckpt, notes,
+                   existing[-1] if existing else None)
 
 
 def data_conditioning(dataset) -> str:
@@ -240,7 +242,7 @@ def graceful_interrupt(on_message: Callable[[str], None] | None = None):
 def run_training(plan: RunPlan, session, *, framework: str,
                  on_step: Callable[[StepInfo], None] | None = None,
                  on_checkpoint: Callable[[Path], None] | None = None,
-                 on_sample: Callable[[int, dict, object], None] | None = None,
+                 on_sample: Callable[[int, dict, RunPlan], None] | None = None,
                  on_message: Callable[[str], None] | None = None,
                  extra_state: dict | None = None) -> TrainResult:
     """The step loop both trainers run (see the module docstring)."""
@@ -252,8 +254,7 @@ def run_training(plan: RunPlan, session, *, framework: str,
     batches = plan.dataset.batches(cfg.batch_size, cfg.seed, start=plan.data_position, flip=cfg.flip,
                                    embeddings=plan.embeddings)
     position = plan.data_position
-    existing = list_checkpoints(plan.run_dir)
-    last_good = existing[-1] if existing else None
+    last_good = plan.last_good
     losses: list[float] = []
     final = plan.checkpoint.path if plan.checkpoint is not None else None
     # Class names travel with every checkpoint so sampling can take `--class NAME`.
@@ -302,11 +303,11 @@ def run_training(plan: RunPlan, session, *, framework: str,
                 final = save(step)
             if on_sample and session.rank == 0 and cfg.sample_every and step % cfg.sample_every == 0 \
                     and step < cfg.steps:
-                on_sample(step, session.ema_weights(), plan.model_config)
+                on_sample(step, session.ema_weights(), plan)
         if step > plan.start_step and (final is None or final.name != f"step-{step:07d}"):
             final = save(step)
         elif final is None:
             final = save(step)  # a fresh run asked for zero steps still leaves its initial weights
     if on_sample and session.rank == 0 and not interrupted:
-        on_sample(step, session.ema_weights(), plan.model_config)
+        on_sample(step, session.ema_weights(), plan)
     return TrainResult(final, losses, step, plan.start_step, plan.model_config, interrupted)
