@@ -20,8 +20,6 @@ import numpy as np
 
 from .config import TrainConfig
 from .errors import MlxflowError
-from .flow import to_velocity
-from .solvers import guided, integrate
 
 # Why the looser tolerances:
 # - a trajectory runs 2 * steps network evaluations (Heun) with CFG, which multiplies the
@@ -220,39 +218,21 @@ def compare_forward(mlx_model, torch_model, inputs: dict, *, tol: float, device:
 
 def compare_trajectory(mlx_model, torch_model, model_config, *, batch: int, steps: int, solver: str,
                        cfg_scale: float, seed: int, tol: float, device: str = "cpu") -> Row:
-    """Final image of a guided `steps`-step solve from the same noise, same text on both sides."""
+    """Final image of a guided `steps`-step solve from the same noise, same conditions on both
+    sides, through the samplers users run (sample.sample_steps and its torch twin)."""
     import mlx.core as mx
 
-    torch = _torch_setup(device)
+    from .sample import sample_steps, sample_steps_torch
+
+    _torch_setup(device)
     inp = make_inputs(model_config, batch, seed + 1)
-    from .conditioning import unconditional
-
-    kind = _kind(model_config)
-    uncond = unconditional(kind, inp["text"], model_config)  # what condition dropout trains
-    prediction = _prediction(model_config)  # both sides turn the output into a velocity the same way
-    cfg_scale = 1.0 if kind == "none" else cfg_scale
-
-    def mlx_fn(x, t, text):
-        tt = mx.full((x.shape[0],), t, dtype=mx.float32)
-        return to_velocity(prediction, mlx_model(x, tt, _cond(kind, text)), x, tt)
-
-    x = mx.array(inp["x"])
-    for _, _, x in integrate(guided(mlx_fn, mx.array(inp["text"]), mx.array(uncond), cfg_scale), x, steps, solver):
-        mx.eval(x)
-    final_m = np.array(x)
-
-    def torch_fn(x, t, text):
-        tt = torch.full((x.shape[0],), t, dtype=torch.float32, device=device)
-        return to_velocity(prediction, torch_model(x, tt, _cond(kind, text)), x, tt)
-
-    def tt(a):
-        return torch.from_numpy(a).to(device)
-
-    with torch.no_grad():
-        xt = tt(_nchw(inp["x"]))
-        for _, _, xt in integrate(guided(torch_fn, tt(inp["text"]), tt(uncond), cfg_scale), xt, steps, solver):
-            pass
-    return compare(f"trajectory ({solver}, {steps} steps, cfg {cfg_scale:g})", _nchw(final_m), xt.cpu().numpy(),
+    if _kind(model_config) == "none":
+        cfg_scale = 1.0  # the samplers do the same: nothing to guide by
+    *_, (_, _, final_m) = sample_steps(mlx_model, mx.array(inp["text"]), steps=steps, solver=solver,
+                                       cfg_scale=cfg_scale, noise=mx.array(inp["x"]))
+    *_, (_, _, final_t) = sample_steps_torch(torch_model, inp["text"], steps=steps, solver=solver,
+                                             cfg_scale=cfg_scale, noise=inp["x"], device=device)
+    return compare(f"trajectory ({solver}, {steps} steps, cfg {cfg_scale:g})", np.array(final_m), final_t,
                    TRAJ_FACTOR * tol)
 
 

@@ -56,13 +56,14 @@ def sample_steps(model, text: mx.array, *, steps: int = 20, solver: str = "heun"
 
 def sample_steps_torch(model, cond: np.ndarray, *, steps: int = 20, solver: str = "heun", cfg_scale: float = 1.0,
                        seed: int = 0, interval: tuple[float, float] | None = None, shift: float = 1.0,
-                       noise_scale: float = 1.0, family=None,
+                       noise: np.ndarray | None = None, noise_scale: float = 1.0, family=None,
                        device: str = "cpu") -> Iterator[tuple[int, float, np.ndarray]]:
     """sample_steps with the torch twin (CPU, CUDA or MPS): same conditions, same noise.
 
-    The noise is drawn with MLX's RNG from `seed`, exactly as sample_steps draws it, so both
-    frameworks start from the same point and end at the same images up to float rounding.
-    CFG runs as one batched call. Yields (i, t, x) with x (N,H,W,C) float32 numpy.
+    Unless `noise` (N,H,W,C) is given, it is drawn with MLX's RNG from `seed`, exactly as
+    sample_steps draws it, so both frameworks start from the same point and end at the same
+    images up to float rounding. CFG runs as one batched call. Yields (i, t, x) with x
+    (N,H,W,C) float32 numpy.
     """
     import torch
 
@@ -72,8 +73,9 @@ def sample_steps_torch(model, cond: np.ndarray, *, steps: int = 20, solver: str 
     fam = family or family_of(model.config)
     kind = kind_of(fam, model.config)
     n = len(cond)
-    noise = noise_scale * mx.random.normal((n, *fam.network_shape(model.config)), key=mx.random.key(seed))
-    x = torch.from_numpy(np.array(noise).transpose(0, 3, 1, 2).copy()).to(device)
+    if noise is None:
+        noise = noise_scale * mx.random.normal((n, *fam.network_shape(model.config)), key=mx.random.key(seed))
+    x = torch.from_numpy(np.array(noise, np.float32).transpose(0, 3, 1, 2).copy()).to(device)
     c = torch.from_numpy(np.asarray(cond)).to(device)
 
     def model_fn(x, t: float, c):
