@@ -56,6 +56,7 @@ class TrainConfig:
     lr: float = 3e-4
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 100
+    warmup_start: float = 0.0  # lr at step 0 as a fraction of lr (the DiT seed warms up from 10%)
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
@@ -76,6 +77,9 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 500
     keep_checkpoints: int = 3
+    keep_every: int = 0  # also keep every checkpoint at a multiple of this step (0 = only the recent ones)
+    eval_every: int = 0  # held-out evaluation (loss, FID when its weights are present) every N steps; 0 = never
+    eval_samples: int = 1024  # images generated per FID evaluation
     sample_every: int = 0  # 0 = only at the end
     sample_steps: int = 20
     sample_cfg: float = 3.0

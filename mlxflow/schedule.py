@@ -10,7 +10,8 @@ from .config import TrainConfig
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate for optimizer step `step` (0-based)."""
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+        ramp = (step + 1) / cfg.warmup_steps
+        return cfg.lr * (cfg.warmup_start + (1.0 - cfg.warmup_start) * ramp)
     decay_steps = max(cfg.steps - cfg.warmup_steps, 1)
     progress = min(max(step - cfg.warmup_steps, 0) / decay_steps, 1.0)
     floor = cfg.lr * cfg.min_lr_ratio
