@@ -37,6 +37,7 @@ from .errors import MlxflowError
 from .families import get_family
 from .flow import interpolate, sample_time, to_velocity, velocity_target
 from .torch_ref import default_device
+from .torch_ref.layers import set_fused_attention
 from .trainer import RunPlan, TrainResult, prepare_run, run_lock, run_training
 
 
@@ -213,6 +214,8 @@ class TorchSession:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.fused_attention = cuda_default(cfg.fused_attention, device) and cfg.bf16
+        set_fused_attention(model, self.fused_attention)
         self.compiled = cuda_default(cfg.compile, device)
         if self.compiled:
             # Compiles the forward (and so the backward); the weights stay self.model's, so
@@ -314,7 +317,8 @@ def train_torch(run_dir, dataset, model_config, train_config: TrainConfig, *, fa
 # ----------------------------------------------------------------------------- benchmark
 
 def benchmark_torch(model_config, batch_size: int, *, family: str, steps: int = 10, warmup: int = 3, device=None,
-                    bf16: bool = False, compile: bool | None = None, fused_adamw: bool | None = None) -> dict:
+                    bf16: bool = False, compile: bool | None = None, fused_adamw: bool | None = None,
+                    fused_attention: bool | None = None) -> dict:
     """Timed training steps (forward + backward + AdamW) on random data, with the trainer's
     speed options (compile and fused AdamW default to on with CUDA, as in training).
 
@@ -326,6 +330,8 @@ def benchmark_torch(model_config, batch_size: int, *, family: str, steps: int = 
     dev = torch.device(device or default_device())
     torch.manual_seed(0)
     model = fam.build(model_config, "torch").to(dev).train()
+    fused_attn = cuda_default(fused_attention, dev) and bf16
+    set_fused_attention(model, fused_attn)
     opt = make_optimizer(model.parameters(), TrainConfig(lr=1e-4), fused=cuda_default(fused_adamw, dev))
     net = torch.compile(model) if cuda_default(compile, dev) else model
     h, w, c = fam.network_shape(model_config)
@@ -365,6 +371,7 @@ def benchmark_torch(model_config, batch_size: int, *, family: str, steps: int = 
         peak, kind = (rss / 2**20 if sys.platform == "darwin" else rss / 1024), "process_max_rss"
     return {"framework": "torch", "img_per_s": batch_size * steps / dt, "step_ms": 1000 * dt / steps,
             "compile": net is not model, "fused_adamw": cuda_default(fused_adamw, dev), "bf16": bf16,
+            "fused_attention": fused_attn,
             "device": str(dev), "peak_mem_mb": round(peak, 1), "peak_mem_kind": kind,
             "params": sum(p.numel() for p in model.parameters())}
 
@@ -389,6 +396,8 @@ def main(argv=None):
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: the preset's)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on with CUDA)")
     p.add_argument("--fused-adamw", action=argparse.BooleanOptionalAction, help="fused AdamW (default: on with CUDA)")
+    p.add_argument("--fused-attention", action=argparse.BooleanOptionalAction,
+                   help="bf16 fused SDPA (flash) attention (default: on with CUDA + bf16)")
     p.add_argument("--text-encoder", default="minilm")
     p.add_argument("--embeddings", help="precomputed float32 (N, L, D) caption embeddings (.npy)")
     p.add_argument("--resume", help="'latest' or a checkpoint folder")
@@ -402,7 +411,7 @@ def main(argv=None):
         mcfg = fam.model_config(a.preset)  # text_dim/text_tokens follow the embeddings
         tcfg = fam.train_config(a.preset, steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum,
                                 lr=a.lr, ckpt_every=a.ckpt_every, seed=a.seed, bf16=a.bf16, compile=a.compile,
-                                fused_adamw=a.fused_adamw)
+                                fused_adamw=a.fused_adamw, fused_attention=a.fused_attention)
 
         def log(info):
             if info.step % max(tcfg.log_every, 1) == 0 or info.step == info.total:

@@ -301,3 +301,35 @@ def test_bf16_forward_both_twins():
     assert ym.dtype == mx.bfloat16
     assert (yt.float() - ref).abs().max() < 0.05
     assert np.abs(to_nchw(ym.astype(mx.float32)) - ref.numpy()).max() < 0.05
+
+
+def test_fused_bf16_attention_path():
+    """The fused path (bf16 SDPA, on by default with CUDA + bf16) changes only precision: it
+    is the fp32 path without autocast, near it under bf16 autocast, and it really runs in bf16."""
+    from mlxflow.torch_ref.layers import set_fused_attention
+
+    cfg = micro(patch_stride=2, image_size=14)
+    tm, _ = twins(cfg)
+    x, t, text = torch.randn(2, 3, 14, 14), torch.tensor([0.3, 0.7]), torch.randn(2, 2, 8)
+    with torch.no_grad():
+        ref = tm(x, t, text)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            slow = tm(x, t, text)
+        assert set_fused_attention(tm, True) == cfg.depth
+        assert torch.equal(tm(x, t, text), ref)  # without autocast the flag changes nothing
+        seen = []
+        hook = torch.nn.functional.scaled_dot_product_attention
+
+        def spy(q, k, v, **kw):
+            seen.append(q.dtype)
+            return hook(q, k, v, **kw)
+
+        torch.nn.functional.scaled_dot_product_attention = spy
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                fast = tm(x, t, text)
+        finally:
+            torch.nn.functional.scaled_dot_product_attention = hook
+    assert seen and all(d == torch.bfloat16 for d in seen)
+    assert (fast.float() - ref).abs().max() < 0.05
+    assert (fast.float() - slow.float()).abs().max() < 0.05

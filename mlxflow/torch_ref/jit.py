@@ -79,18 +79,26 @@ class JiTAttention(Attention):
     def __init__(self, dim: int, heads: int, qkv_bias: bool = True):
         super().__init__(dim, heads, qk_norm=True, bias=qkv_bias)
         self.out_proj = nn.Linear(dim, dim)
+        self.fused = False  # a runtime switch, not a weight: see set_fused_attention
 
     def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
         B, N, _ = x.shape
         q = self.q_proj(x).reshape(B, N, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).reshape(B, N, self.heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).reshape(B, N, self.heads, self.head_dim).transpose(1, 2)
-        # fp32 from here: bf16 logits over hundreds of tokens lose the small differences
-        # that the softmax amplifies (the reference computes attention in fp32 too).
         q = rope(self.q_norm(q).float())
         k = rope(self.k_norm(k).float())
-        with torch.autocast(device_type=x.device.type, enabled=False):  # autocast would recast SDPA to bf16
-            o = F.scaled_dot_product_attention(q, k, v.float(), scale=self.head_dim ** -0.5)
+        if self.fused and torch.is_autocast_enabled(x.device.type):
+            # The fast path (trainers turn it on with CUDA + bf16, see set_fused_attention):
+            # q, k, v in the autocast dtype so SDPA dispatches to the flash kernel, which keeps
+            # its softmax statistics in fp32 and never builds the (N, N) score matrix.
+            dt = torch.get_autocast_dtype(x.device.type)
+            o = F.scaled_dot_product_attention(q.to(dt), k.to(dt), v.to(dt), scale=self.head_dim ** -0.5)
+        else:
+            # fp32 scores and softmax, as the reference computes them: bf16 logits over hundreds
+            # of tokens lose the small differences that the softmax amplifies.
+            with torch.autocast(device_type=x.device.type, enabled=False):  # autocast would recast SDPA
+                o = F.scaled_dot_product_attention(q, k, v.float(), scale=self.head_dim ** -0.5)
         return self.out_proj(o.to(x.dtype).transpose(1, 2).reshape(B, N, -1))
 
 

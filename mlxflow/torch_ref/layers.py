@@ -173,3 +173,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     pairs = x.reshape(*x.shape[:-1], -1, 2)
     rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).reshape(x.shape)
     return x * cos + rotated * sin
+
+
+def set_fused_attention(model: nn.Module, on: bool) -> int:
+    """Switch every attention module that has a `fused` flag (JiT's) to the fused bf16 SDPA
+    path or back to fp32 attention; returns how many modules it switched."""
+    n = 0
+    for m in model.modules():
+        if isinstance(getattr(m, "fused", None), bool):
+            m.fused = bool(on)
+            n += 1
+    return n
