@@ -72,6 +72,10 @@ class TrainConfig:
     # torch only; None = on for CUDA, off elsewhere (measure before changing either default).
     compile: bool | None = None  # torch.compile the training forward/backward
     fused_adamw: bool | None = None  # torch.optim.AdamW(fused=True): one kernel for all parameters
+    # torch only: attention in the bf16 autocast dtype through one fused SDPA (flash) kernel
+    # instead of fp32 scores; None = on with CUDA when bf16 is on. Families whose attention
+    # always uses fused SDPA ignore it.
+    fused_attention: bool | None = None
     flip: bool = False  # horizontal flips; off for emoji, many of which are directional
     seed: int = 0
     log_every: int = 10
