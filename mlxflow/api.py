@@ -118,7 +118,7 @@ def decode_images(model, x) -> np.ndarray:
     from .families import family_of
     from .sample import to_uint8
 
-    return to_uint8(family_of(model.config).get_codec().decode(x))
+    return to_uint8(family_of(model.config).get_codec().decode(x, model.config))
 
 
 def sample_grid(model, embeddings: np.ndarray, *, steps: int = 20, solver: str = "heun", cfg_scale: float = 3.0,

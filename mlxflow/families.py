@@ -99,7 +99,7 @@ class Family:
 
     def network_shape(self, model_config) -> tuple[int, int, int]:
         """(H, W, C) of what the network sees (channels-last), after the codec."""
-        return self.get_codec().network_shape(model_config.image_size, model_config.in_channels)
+        return self.get_codec().network_shape(model_config)
 
 
 _FAMILIES: dict[str, Family] = {}
