@@ -127,22 +127,34 @@ def cmd_sample(args) -> int:
 
 def cmd_bench(args) -> int:
     from mlxflow import api
+    from mlxflow.errors import MlxflowError
 
     if args.framework == "both" and importlib.util.find_spec("torch") is None:
         console.print("torch is not installed: timing MLX only (pip install 'mlxflow[torch]' to compare)")
         args.framework = "mlx"
     frameworks = ["mlx", "torch"] if args.framework == "both" else [args.framework]
     rows = []
+    auto = args.batch_size == "auto"
+    if not auto and not args.batch_size.isdigit():
+        raise MlxflowError(f"--batch-size must be a number or 'auto', got '{args.batch_size}'")
     for fw in frameworks:
-        with console.status(f"timing {fw} train steps..."):
-            rows.append(api.bench(args.family, args.preset, args.batch_size, args.steps, framework=fw,
-                                  device=args.torch_device if fw == "torch" else None, bf16=args.bf16))
-    table = Table(title=f"{args.family}/{args.preset or 'default'} train step, batch {args.batch_size}")
-    for col in ("framework", "device", "img/s", "peak MB", "params", "GFLOP/img fwd", "MFU", "BLAS"):
+        kw = dict(framework=fw, device=args.torch_device if fw == "torch" else None, bf16=args.bf16)
+        with console.status(f"timing {fw} train steps...") as status:
+            if auto:
+                def tried(batch, row, fw=fw):
+                    status.update(f"{fw}: batch {batch} " + (f"{row['img_per_s']:.1f} img/s" if row
+                                                             else "out of memory"))
+                rows.append(api.bench_largest_batch(args.family, args.preset, limit=args.max_batch,
+                                                    on_try=tried, steps=args.steps, **kw))
+            else:
+                rows.append(api.bench(args.family, args.preset, int(args.batch_size), args.steps, **kw))
+    title = "largest batch that fits (up to --max-batch)" if auto else f"batch {args.batch_size}"
+    table = Table(title=f"{args.family}/{args.preset or 'default'} train step, {title}")
+    for col in ("framework", "device", "batch", "img/s", "peak MB", "params", "GFLOP/img fwd", "MFU", "BLAS"):
         table.add_column(col)
     for r in rows:
         flops = r.get("fwd_flops_per_image")
-        table.add_row(r["framework"], str(r["device"]), f"{r['img_per_s']:.1f}", f"{r.get('peak_mem_mb', 0):.0f}",
+        table.add_row(r["framework"], str(r["device"]), str(r.get("batch_size", args.batch_size)), f"{r['img_per_s']:.1f}", f"{r.get('peak_mem_mb', 0):.0f}",
                       f"{r.get('params', 0) / 1e6:.2f}M", f"{flops / 1e9:.2f}" if flops else "-",
                       f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-", r.get("blas", "-"))
     out.print(table)
@@ -317,7 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="train-step throughput and peak memory")
     b.add_argument("family", choices=family_names())
     b.add_argument("--preset", help="named preset (default: the family's default)")
-    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--batch-size", default="32",
+                   help="batch size, or 'auto': double from 8 until memory (or --max-batch) runs out")
+    b.add_argument("--max-batch", type=int, default=1024, help="largest batch 'auto' tries")
     b.add_argument("--steps", type=int, default=10)
     b.add_argument("--framework", choices=["mlx", "torch", "both"], default="both",
                    help="both (default) times MLX and torch on the same preset and batch")

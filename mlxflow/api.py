@@ -224,15 +224,67 @@ def peak_flops(device_name: str) -> tuple[float | None, str]:
     return None, f"no peak known for '{device_name}'"
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    """An allocation failure (torch's CUDA OOM, MLX's Metal/CPU malloc errors), not a bug."""
+    if type(e).__name__ == "OutOfMemoryError":
+        return True
+    msg = str(e).lower()
+    return isinstance(e, (RuntimeError, MemoryError)) and ("out of memory" in msg or "allocate" in msg
+                                                           or "malloc" in msg or isinstance(e, MemoryError))
+
+
+def bench_largest_batch(family: str, preset: str | None = None, *, framework: str = "mlx", start: int = 8,
+                        limit: int = 1024, on_try: Callable[[int, dict | None], None] | None = None,
+                        **kw) -> dict:
+    """The largest power-of-two batch (from `start`, at most `limit`) whose training step
+    runs out of neither memory nor limit, timed: `bench`'s row at that batch, with
+    "tried" = [(batch, img/s or None for out of memory), ...]."""
+    best, tried, batch = None, [], start
+    while batch <= limit:
+        try:
+            row = bench(family, preset, batch, framework=framework, **kw)
+        except Exception as e:  # noqa: BLE001 - only allocation failures end the search
+            if not _out_of_memory(e):
+                raise
+            tried.append((batch, None))
+            if on_try:
+                on_try(batch, None)
+            _free_memory(framework)
+            break
+        tried.append((batch, row["img_per_s"]))
+        if on_try:
+            on_try(batch, row)
+        best = row
+        batch *= 2
+    if best is None:
+        raise MlxflowError(f"not even a batch of {start} fits in memory for {family}/{preset or 'default'}")
+    best["tried"] = tried
+    return best
+
+
+def _free_memory(framework: str) -> None:
+    import gc
+
+    gc.collect()
+    if framework == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    else:
+        mx.clear_cache()
+
+
 def bench(family: str, preset: str | None = None, batch_size: int = 32, steps: int = 10, *,
-          framework: str = "mlx", device: str | None = None, warmup: int = 3, text_dim: int = 384,
+          framework: str = "mlx", device: str | None = None, warmup: int = 3, text_dim: int | None = None,
           bf16: bool = False) -> dict:
     """Train-step throughput on random data for one framework: img/s, peak memory, params,
-    model FLOPs per image (training = 3 x forward) and, on CUDA, MFU against the GPU's bf16 peak."""
+    model FLOPs per image (training = 3 x forward) and, on CUDA, MFU against the GPU's bf16 peak.
+    text_dim: the text embedding width to build for (default: the preset's)."""
     from .families import get_family
 
     fam = get_family(family)
-    mcfg = fam.model_config(preset, text_dim=text_dim)
+    mcfg = fam.model_config(preset, **({"text_dim": text_dim} if text_dim else {}))
     if framework == "mlx":
         row = bench_mlx(family, preset, batch_size, steps, warmup=warmup, text_dim=text_dim)
     elif framework == "torch":
@@ -241,6 +293,7 @@ def bench(family: str, preset: str | None = None, batch_size: int = 32, steps: i
         row = benchmark_torch(mcfg, batch_size, family=family, steps=steps, warmup=warmup, device=device, bf16=bf16)
     else:
         raise MlxflowError(f"unknown framework '{framework}' (known: mlx, torch)")
+    row.setdefault("batch_size", batch_size)
     row["fwd_flops_per_image"] = fam.flops_per_image(mcfg) if fam.flops_per_image else None
     row["mfu"], row["mfu_peak"] = None, "MFU only on CUDA"
     if row["fwd_flops_per_image"] and str(row["device"]).startswith("cuda"):
@@ -254,7 +307,7 @@ def bench(family: str, preset: str | None = None, batch_size: int = 32, steps: i
 
 
 def bench_mlx(family: str, preset: str | None, batch_size: int = 32, steps: int = 10, warmup: int = 3,
-              text_dim: int = 384) -> dict:
+              text_dim: int | None = None) -> dict:
     """Train-step throughput of the compiled MLX step on random data: img/s and peak memory."""
     import time
 
@@ -267,7 +320,7 @@ def bench_mlx(family: str, preset: str | None, batch_size: int = 32, steps: int 
     from .train import make_optimizer, make_train_step, step_key
 
     fam = get_family(family)
-    mcfg = fam.model_config(preset, text_dim=text_dim)
+    mcfg = fam.model_config(preset, **({"text_dim": text_dim} if text_dim else {}))
     tcfg = TrainConfig(batch_size=batch_size, steps=warmup + steps)
     mx.random.seed(0)
     model, ema = fam.build(mcfg, "mlx"), fam.build(mcfg, "mlx")
