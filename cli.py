@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import time
 import sys
 from pathlib import Path
 
@@ -112,13 +113,22 @@ def cmd_sample(args) -> int:
     cfg = args.cfg if args.cfg is not None else defaults["cfg"]
     interval = tuple(args.cfg_interval) if args.cfg_interval else defaults["cfg_interval"]
     prompts = list(args.prompts) + [str(c) for c in (args.classes or [])]
+    tic = time.perf_counter()
     with _bar() as progress:
         task = progress.add_task(f"sample ({solver})", total=steps)
         path = api.sample(args.ckpt, prompts, args.output, n=args.n, steps=steps, solver=solver,
-                          cfg_scale=cfg, seed=args.seed, interval=interval,
+                          cfg_scale=cfg, seed=args.seed, interval=interval, shift=args.shift,
                           preview_dir=args.preview_dir, preview_every=args.preview_every, weights=args.weights,
                           framework=args.framework, device=args.device,
                           on_step=lambda i, total: progress.update(task, completed=i))
+    if args.verbose:
+        from mlxflow.sample import model_evals
+
+        images = args.n * max(len(prompts), 1)
+        took = time.perf_counter() - tic
+        out.print(f"{images} images in {took:.1f} s ({took / images:.2f} s/image, model load included): {solver}, "
+                  f"{steps} steps = {model_evals(steps, solver, cfg)} network evaluations, CFG {cfg:g}, "
+                  f"shift {args.shift:g}, {args.framework}")
     out.print(str(path))
     return 0
 
@@ -179,12 +189,12 @@ def cmd_fidelity(args) -> int:
     defaults = api.sampling_defaults(args.ckpt)
     steps, solver = args.steps or defaults["steps"], args.solver or defaults["solver"]
     cfg = args.cfg if args.cfg is not None else defaults["cfg"]
-    table.caption = f"{solver}, {steps} steps, CFG {cfg:g}, {args.n} samples for each of {args.k} prompts, seed {args.seed}"
+    table.caption = f"{solver}, {steps} steps, shift {args.shift:g}, CFG {cfg:g}, {args.n} samples for each of {args.k} prompts, seed {args.seed}"
     for untrained in ((False, True) if args.baseline else (False,)):
         with console.status("sampling..."):
             r = api.prompt_fidelity(args.ckpt, args.data, k=args.k, n=args.n, steps=steps, solver=solver,
                                     cfg_scale=cfg, seed=args.seed, untrained=untrained,
-                                    interval=defaults["cfg_interval"])
+                                    interval=defaults["cfg_interval"], shift=args.shift)
         table.add_row("untrained" if untrained else "trained", str(0 if untrained else r["step"]),
                       f"{r['fidelity']:.3f}", str(r["samples"]), f"{r['chance']:.4f}")
     out.print(table)
@@ -314,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=4, help="images per prompt (or in all, for unconditional models)")
     s.add_argument("--steps", type=int, help="solver steps (default: the family's)")
     s.add_argument("--solver", choices=sorted(SOLVERS), help="ODE solver (default: the family's)")
+    s.add_argument("--shift", type=float, default=1.0,
+                   help="time-grid shift: > 1 spends more steps near noise (e.g. --solver ab2 --steps 10 --shift 2)")
+    s.add_argument("--verbose", action="store_true", help="print sampling time per image and network evaluations")
     s.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = off; default: the family's)")
     s.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LO", "HI"), help="apply CFG only for t in [LO, HI]")
     s.add_argument("--seed", type=int, default=0)
@@ -346,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--n", type=int, default=2, help="samples per prompt")
     f.add_argument("--steps", type=int, help="solver steps (default: the family's)")
     f.add_argument("--solver", choices=sorted(SOLVERS), help="(default: the family's)")
+    f.add_argument("--shift", type=float, default=1.0, help="time-grid shift (> 1: more steps near noise)")
     f.add_argument("--cfg", type=float, help="(default: the family's)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--baseline", action="store_true", help="also score an untrained model of the same shape")

@@ -134,7 +134,7 @@ def sample_grid(model, embeddings: np.ndarray, *, steps: int = 20, solver: str =
 def sample(ckpt, prompts: list[str], output, *, n: int = 1, steps: int = 20, solver: str = "heun",
            cfg_scale: float = 3.0, seed: int = 0, interval=None, preview_dir=None, preview_every: int = 0,
            on_step: Callable[[int, int], None] | None = None, weights: str = "ema", framework: str = "mlx",
-           device: str | None = None) -> Path:
+           device: str | None = None, shift: float = 1.0) -> Path:
     """Generate n images per prompt into one grid PNG (a row per prompt); returns its path.
 
     framework="torch" samples with the torch twin (CPU, CUDA or MPS) from the same noise.
@@ -145,7 +145,7 @@ def sample(ckpt, prompts: list[str], output, *, n: int = 1, steps: int = 20, sol
     if out.suffix.lower() != ".png":
         raise MlxflowError(f"--output must end in .png, got {out}")
     model, _, gen = generate(ckpt, prompts, n=n, steps=steps, solver=solver, cfg_scale=cfg_scale, seed=seed,
-                             interval=interval, weights=weights, framework=framework, device=device)
+                             interval=interval, weights=weights, framework=framework, device=device, shift=shift)
     x = None
     for i, t, x in gen:
         if preview_dir and preview_every and ((i + 1) % preview_every == 0 or i + 1 == steps):
@@ -179,7 +179,8 @@ def sample_frames(model, ckpt, prompts: list[str], *, n: int = 1, steps: int = 2
 
 
 def prompt_fidelity(ckpt, data_dir, *, k: int = 16, n: int = 2, steps: int = 20, solver: str = "heun",
-                    cfg_scale: float = 3.0, seed: int = 0, untrained: bool = False, interval=None) -> dict:
+                    cfg_scale: float = 3.0, seed: int = 0, untrained: bool = False, interval=None,
+                    shift: float = 1.0) -> dict:
     """Share of samples whose nearest training image is the prompted one, for K training labels.
 
     `untrained=True` measures a randomly initialised model of the same architecture: the
@@ -203,7 +204,7 @@ def prompt_fidelity(ckpt, data_dir, *, k: int = 16, n: int = 2, steps: int = 20,
     prompts = np.linspace(0, len(dataset) - 1, min(k, len(dataset))).astype(int)
     text = mx.array(np.repeat(emb[prompts], n, axis=0))
     *_, (_, _, x) = sample_steps(model, text, steps=steps, solver=solver, cfg_scale=cfg_scale, seed=seed,
-                                 interval=interval, noise_scale=ck.train_config.noise_scale)
+                                 interval=interval, noise_scale=ck.train_config.noise_scale, shift=shift)
     reference = resize_images(dataset.images, ck.model_config.image_size)
     score = fidelity(decode_images(model, x), np.repeat(prompts, n), reference)
     return {"fidelity": float(score), "prompts": len(prompts), "samples": len(prompts) * n,

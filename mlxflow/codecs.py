@@ -60,6 +60,8 @@ class LatentCodec(Codec):
         return (model_config.image_size // f, model_config.image_size // f, model_config.in_channels)
 
     def autoencoder(self, model_config):
+        from .models.vae import load_latent_vae
+
         return load_latent_vae(model_config.vae)
 
     def encode(self, images, model_config):
@@ -71,22 +73,6 @@ class LatentCodec(Codec):
         import numpy as np
 
         return self.autoencoder(model_config).decode(np.asarray(x, np.float32))
-
-
-_VAES: dict = {}
-
-
-def load_latent_vae(spec: str):
-    """"sd-vae" (the hub's stabilityai/sd-vae-ft-mse, found locally or downloaded) or
-    "sd-vae:DIR" (a diffusers folder) -> a loaded mlxflow.models.vae.LatentVAE, once per spec."""
-    name, _, arg = spec.partition(":")
-    if name != "sd-vae":
-        raise MlxflowError(f"unknown autoencoder '{spec}' (known: sd-vae, sd-vae:DIR)")
-    if spec not in _VAES:
-        from .models.vae import LatentVAE
-
-        _VAES[spec] = LatentVAE(arg or None)
-    return _VAES[spec]
 
 
 _CODECS: dict[str, Codec] = {"pixels": PixelCodec(), "sd-vae": LatentCodec()}

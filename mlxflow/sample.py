@@ -171,7 +171,8 @@ def conditions_for(ckpt, prompts: list[str], *, embeddings: np.ndarray | None = 
 
 def generate(ckpt_path, prompts: list[str], *, n: int = 1, steps: int = 20, solver: str = "heun",
              cfg_scale: float = 3.0, seed: int = 0, interval=None, embeddings: np.ndarray | None = None,
-             loaded: tuple | None = None, weights: str = "ema", framework: str = "mlx", device: str | None = None):
+             loaded: tuple | None = None, weights: str = "ema", framework: str = "mlx", device: str | None = None,
+             shift: float = 1.0):
     """Yields (i, t, x) for n samples of every prompt (prompt-major order); see sample_steps.
 
     Prompts are text, class names/indices, or nothing, as the checkpoint is conditioned
@@ -179,7 +180,7 @@ def generate(ckpt_path, prompts: list[str], *, n: int = 1, steps: int = 20, solv
     server already holds (then `ckpt_path` is ignored). Returns (model, ckpt, generator)
     so the caller knows the total before iterating. `weights`: "ema", "ema2" or "raw".
     framework="torch" samples with the torch twin on `device` (default: the best there is);
-    x is then numpy (N,H,W,C).
+    x is then numpy (N,H,W,C). shift > 1 spends more of the steps near noise (flow.shift_time).
     """
     if framework == "torch":
         from convert.torch_mlx import load_torch_model
@@ -190,7 +191,8 @@ def generate(ckpt_path, prompts: list[str], *, n: int = 1, steps: int = 20, solv
         model, ckpt = loaded if loaded is not None else load_torch_model(ckpt_path, device=device, use_ema=weights)
         table = conditions_for(ckpt, prompts, embeddings=embeddings)
         gen = sample_steps_torch(model, np.repeat(table, n, axis=0), steps=steps, solver=solver, cfg_scale=cfg_scale,
-                                 seed=seed, interval=interval, noise_scale=ckpt.train_config.noise_scale, device=device)
+                                 seed=seed, interval=interval, noise_scale=ckpt.train_config.noise_scale, device=device,
+                                 shift=shift)
         return model, ckpt, gen
     if framework != "mlx":
         raise MlxflowError(f"unknown framework '{framework}' (known: mlx, torch)")
@@ -198,7 +200,7 @@ def generate(ckpt_path, prompts: list[str], *, n: int = 1, steps: int = 20, solv
     table = conditions_for(ckpt, prompts, embeddings=embeddings)
     cond = mx.array(np.repeat(table, n, axis=0))
     gen = sample_steps(model, cond, steps=steps, solver=solver, cfg_scale=cfg_scale, seed=seed, interval=interval,
-                       noise_scale=ckpt.train_config.noise_scale)
+                       noise_scale=ckpt.train_config.noise_scale, shift=shift)
     return model, ckpt, gen
 
 

@@ -39,7 +39,7 @@ def _error(name, steps):
     return abs(x[0] - math.e)
 
 
-@pytest.mark.parametrize("name,order", [("euler", 1), ("heun", 2), ("midpoint", 2), ("rk4", 4)])
+@pytest.mark.parametrize("name,order", [("euler", 1), ("heun", 2), ("midpoint", 2), ("rk4", 4), ("ab2", 2)])
 def test_convergence_order(name, order):
     ratio = _error(name, 16) / _error(name, 32)
     assert ratio == pytest.approx(2 ** order, rel=0.15)
@@ -67,3 +67,12 @@ def test_guided_batches_cond_and_uncond_and_respects_interval():
 def test_unknown_solver():
     with pytest.raises(MlxflowError, match="unknown solver"):
         solvers.get_solver("dopri")
+
+
+def test_ab2_uses_one_evaluation_per_step_and_never_t1():
+    seen = []
+    *_, (_, _, x) = solvers.integrate(lambda x, t: seen.append(t) or x, np.ones(1), 10, "ab2", shift=2.0)
+    assert len(seen) == 10 and max(seen) < 1.0
+    # on a shifted (non-uniform) grid it is still far closer than Euler at the same cost
+    *_, (_, _, xe) = solvers.integrate(lambda x, t: x, np.ones(1), 10, "euler", shift=2.0)
+    assert abs(x[0] - math.e) < 0.2 * abs(xe[0] - math.e)
