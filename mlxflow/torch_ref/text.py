@@ -87,3 +87,26 @@ def load_bert_encoder(folder) -> BertEncoder:
     check_weights_fit(expected, weights, f"text encoder {folder}")
     model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=True)
     return model.eval()
+
+
+def load_text_encoder_torch(spec: str, device="cpu"):
+    """A frozen text encoder on `device` for trainers that read token ids (a latent cache):
+    (ids (B, L) int, mask (B, L) 0/1) -> float32 (B, L, D) states with padding rows exactly 0,
+    the same numbers as the MLX encoder's `encode_ids` for the same spec."""
+    import torch
+
+    from ..errors import MlxflowError
+
+    name, _, arg = spec.partition(":")
+    if name != "t5":
+        raise MlxflowError(f"text encoder '{spec}' has no torch twin for token ids (known: t5, t5:DIR)")
+    from .t5 import load_t5_torch
+
+    model = load_t5_torch(arg or None, device=device)
+    model.requires_grad_(False)
+
+    def encode(ids, mask):
+        mask = mask.to(torch.float32)
+        return model(ids.long(), mask).float() * mask[..., None]
+
+    return encode
