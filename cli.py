@@ -35,10 +35,38 @@ def _progress_callback(progress: Progress, description: str):
 
 # --- data ------------------------------------------------------------------------------
 
+def cmd_latents(args) -> int:
+    from mlxflow import api
+
+    if not args.src:
+        raise SystemExit("mlxflow data latents: give --src (tar shards, an image folder or a dataset folder)")
+    with _bar(TextColumn("{task.fields[skipped]} skipped")) as progress:
+        task = progress.add_task("encode (VAE + tokens)", total=None, skipped=0)
+
+        def on_progress(done, skipped, total):
+            progress.update(task, completed=done + skipped, total=total, skipped=skipped)
+
+        cache = api.build_latent_data(args.src, args.out, vae=args.vae, text_encoder=args.text_encoder or "t5",
+                                      random_encoders=args.random_encoders, size=args.size, limit=args.limit,
+                                      shard_size=args.shard_size, captions=args.captions, on_progress=on_progress)
+    h, w, c = cache.latent_shape
+    skipped = sum(cache.skipped.values())
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(cache.skipped.items()))
+    if cache.build_status:
+        out.print(cache.build_status)
+    out.print(f"latent cache {args.out}: {len(cache)} samples, latents {h}x{w}x{c}, {cache.text_tokens} tokens"
+              + (f"; skipped {skipped} ({reasons})" if skipped else ""))
+    if cache.meta.get("random"):
+        out.print("note: encoded with RANDOM tiny encoders (--random-encoders): a pipeline check, not real latents")
+    return 0
+
+
 def cmd_data(args) -> int:
     from mlxflow import api
 
-    encoder = None if args.no_embed else args.text_encoder
+    if args.source == "latents":
+        return cmd_latents(args)
+    encoder = None if args.no_embed else (args.text_encoder or "minilm")
     with _bar() as progress:
         render, embed = _progress_callback(progress, "render"), _progress_callback(progress, f"embed ({encoder})")
         if args.source == "emoji":
@@ -130,6 +158,13 @@ def cmd_sample(args) -> int:
                   f"{steps} steps = {model_evals(steps, solver, cfg)} network evaluations, CFG {cfg:g}, "
                   f"shift {args.shift:g}, {args.framework}")
     out.print(str(path))
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from mlxflow.plot import plot_run
+
+    out.print(str(plot_run(args.run, args.out)))
     return 0
 
 
@@ -273,9 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("data", help="build a dataset folder")
-    d.add_argument("source", choices=["emoji", "folder", "classes"],
+    d.add_argument("source", choices=["emoji", "folder", "classes", "latents"],
                    help="emoji: render the colour-emoji font; folder: your images (+ captions); "
-                        "classes: one subfolder of images per class")
+                        "classes: one subfolder of images per class; latents: a VAE-latent + T5-token "
+                        "cache (the dit family) from --src tar shards / image folder / dataset folder")
     d.add_argument("out", help="output dataset folder")
     d.add_argument("--size", type=int, default=64)
     d.add_argument("--font", help="colour emoji font file (default: the system's)")
@@ -284,7 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--unconditional", action="store_true", help="(folder) no captions: every image, no text")
     d.add_argument("--limit", type=int, help="only the first N emoji")
     d.add_argument("--no-skin-tones", action="store_true", help="(emoji) leave out the skin-tone variants")
-    d.add_argument("--text-encoder", default="minilm", help="minilm | minilm:DIR | clip | clip:WEIGHTS")
+    d.add_argument("--text-encoder", help="minilm | minilm:DIR | clip | clip:WEIGHTS (latents: t5 | t5:DIR)")
+    d.add_argument("--src", help="(latents) WebDataset tar shards (file, folder or glob), an image folder "
+                                 "with captions, or a dataset folder")
+    d.add_argument("--vae", default="sd-vae", help="(latents) sd-vae (hub cache / hub) or sd-vae:DIR")
+    d.add_argument("--random-encoders", action="store_true",
+                   help="(latents) tiny RANDOM T5 and VAE instead of the real weights: a labelled pipeline check")
+    d.add_argument("--shard-size", type=int, default=4096, help="(latents) samples per cache shard")
     d.add_argument("--no-embed", action="store_true", help="skip caching text embeddings")
     d.add_argument("--overwrite", action="store_true")
     d.set_defaults(func=cmd_data)
@@ -338,6 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preview-dir", help="write a grid every --preview-every steps here")
     s.add_argument("--preview-every", type=int, default=0)
     s.set_defaults(func=cmd_sample)
+
+    pl = sub.add_parser("plot", help="draw a run's curves (RUN/log.jsonl) to a PNG")
+    pl.add_argument("run", help="run folder")
+    pl.add_argument("--out", help="PNG path (default: RUN/curves.png)")
+    pl.set_defaults(func=cmd_plot)
 
     b = sub.add_parser("bench", help="train-step throughput and peak memory")
     b.add_argument("family", choices=family_names())

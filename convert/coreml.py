@@ -8,6 +8,10 @@ The exported ML Program has three inputs and one output (Float32 arrays; with
     text     (B, L, D)     frozen text embedding (zeros = unconditional)
     velocity (B, C, H, W)  dx/dt
 
+A token-level model (``text_mask`` configs) takes per-token states whose padding rows are
+exactly zero; it derives its key-padding mask from ``text`` inside the program, so the
+app pads with zero rows to L and passes one array (all zeros = unconditional).
+
 The batch sizes are those given at export (default 1 and 2: batch 2 runs CFG's
 conditional and unconditional halves in one call). coremltools only allows several
 *enumerated* inputs from iOS 18 / macOS 15 on, so for an iOS 17 / macOS 14 target the batch
@@ -281,7 +285,8 @@ def _describe(mlmodel, *, image_size, channels, text_tokens, text_dim, precision
     )
     mlmodel.input_description["x_t"] = f"noisy image (B,{channels},{image_size},{image_size}) float32 in ~[-1,1], NCHW"
     mlmodel.input_description["t"] = "flow time (B,) float32 in [0,1]: t=0 noise, t=1 data"
-    mlmodel.input_description["text"] = f"text embedding (B,{text_tokens},{text_dim}) float32; zeros = unconditional"
+    mlmodel.input_description["text"] = (f"text embedding (B,{text_tokens},{text_dim}) float32; zeros = unconditional"
+                                         + ("; padding rows exactly 0" if text_tokens > 1 else ""))
     mlmodel.output_description["velocity"] = f"velocity dx/dt (B,{channels},{image_size},{image_size}) float32"
 
 
@@ -379,7 +384,10 @@ def verify_denoiser(mlmodel_or_path, torch_model, *, n_steps: int = 8, seed: int
     """Compare an exported denoiser with the torch model it came from.
 
     (a) denoiser: one call at each t in ``t_values`` on random x_t ~ N(0,1) and text ~ N(0,1)
-        (``batch`` samples each); the outputs of all calls are stacked, then compared.
+        (``batch`` samples each), plus one call with an all-zero text (the unconditional
+        input); the outputs of all calls are stacked, then compared. With L > 1 text
+        tokens, sample i keeps only its first max(1, L - 1 - i) rows and the rest are zero
+        rows, i.e. padding, so a key-padding mask derived in the program is exercised.
     (b) trajectory: ``n_steps`` Euler steps from the same noise and text, t: 0 -> 1,
         one trajectory driven by the exported model, one by torch; final images compared.
     PSNR (dB) = 10*log10(P**2 / MSE) where P = max - min of the *torch* reference output
@@ -400,12 +408,16 @@ def verify_denoiser(mlmodel_or_path, torch_model, *, n_steps: int = 8, seed: int
             return model(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(text)).numpy()
 
     text = rng.standard_normal((batch,) + tuple(txs[1:])).astype(np.float32)
+    n_tokens = text.shape[1]
+    if n_tokens > 1:
+        for i in range(batch):
+            text[i, max(1, n_tokens - 1 - i):] = 0.0
     refs, outs = [], []
-    for tv in t_values:
+    for tv, tx in [(tv, text) for tv in t_values] + [(0.5, np.zeros_like(text))]:
         x = rng.standard_normal((batch,) + tuple(xs[1:])).astype(np.float32)
         t = np.full((batch,), tv, np.float32)
-        refs.append(ref(x, t, text))
-        outs.append(fn(x, t, text))
+        refs.append(ref(x, t, tx))
+        outs.append(fn(x, t, tx))
     refs, outs = np.stack(refs), np.stack(outs)
 
     noise = rng.standard_normal((batch,) + tuple(xs[1:])).astype(np.float32)

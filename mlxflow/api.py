@@ -32,6 +32,51 @@ def build_emoji_data(out_dir, size: int = 64, font=None, limit: int | None = Non
     return info
 
 
+def random_encoder_folders(out_dir, text_tokens: int = 16) -> tuple[str, str]:
+    """Tiny RANDOM T5 and VAE folders beside `out_dir` (made once, seed 0): (t5 spec, vae spec).
+
+    For pipeline checks on a CPU without the real weights; everything built on them is
+    labelled random (the cache's meta, the run's notes, the checkpoint, `sample`'s output)."""
+    from .models.vae import make_tiny_vae
+    from convert.hf_t5 import make_tiny_t5
+
+    root = Path(out_dir).expanduser().resolve()
+    root = root.with_name(root.name + ".random-encoders")
+    t5, vae = root / "t5", root / "vae"
+    if not (t5 / "config.json").is_file():
+        make_tiny_t5(t5, max_length=text_tokens)
+    if not (vae / "config.json").is_file():
+        make_tiny_vae(vae)
+    return f"t5:{t5}", f"sd-vae:{vae}"
+
+
+def build_latent_data(source, out_dir, *, vae: str = "sd-vae", text_encoder: str = "t5", random_encoders: bool = False,
+                      size: int = 64, limit: int | None = None, shard_size: int = 4096, batch_size: int = 64,
+                      captions=None, on_progress: Callable[[int, int, int | None], None] | None = None):
+    """Encode tar shards, an image folder with captions or a dataset folder into a latent
+    cache: SD-VAE latents + T5 token ids, sharded and resumable (run it again after an
+    interruption). Returns the LatentCache."""
+    from .data.latent_cache import build_latent_cache
+    from .data.shards import open_samples
+    from .models.text import load_text_encoder
+    from .models.vae import load_latent_vae
+
+    if random_encoders:
+        text_encoder, vae = random_encoder_folders(out_dir)
+    t5, autoencoder = load_text_encoder(text_encoder), load_latent_vae(vae)
+    if not hasattr(t5, "encode_ids"):
+        raise MlxflowError(f"a latent cache stores token ids: '{text_encoder}' is not a token encoder (use t5)")
+    if size % autoencoder.downsample:
+        raise MlxflowError(f"--size {size} is not a multiple of the VAE's downsampling ({autoencoder.downsample})")
+    samples = open_samples(source, size=size, limit=limit, captions=captions)
+    meta = {"vae": autoencoder.spec, "text_encoder": t5.spec, "text_dim": int(t5.dim), "image_size": int(size),
+            "random": bool(getattr(t5, "random", False) or autoencoder.random), "source": samples.describe()}
+    return build_latent_cache(
+        samples, out_dir, meta=meta, shard_size=shard_size, batch_size=batch_size, on_progress=on_progress,
+        encode_images=lambda images: autoencoder.encode(images.astype(np.float32) / 127.5 - 1.0),
+        tokenize=t5.tokenize)
+
+
 def import_folder_data(src_dir, out_dir, size: int = 64, captions=None, overwrite: bool = False,
                        text_encoder: str | None = DEFAULT_TEXT_ENCODER, unconditional: bool = False,
                        on_render: Callable[[int, int], None] | None = None,
@@ -64,6 +109,17 @@ def embed_dataset(data_dir, text_encoder: str = DEFAULT_TEXT_ENCODER, on_progres
     return ImageTextDataset.load(data_dir).text_embeddings(load_text_encoder(text_encoder), on_progress=on_progress)
 
 
+def grid_conditions(plan, picks: np.ndarray) -> np.ndarray:
+    """The conditions of training samples `picks` as the network takes them (a latent
+    cache's token ids go through the run's frozen text encoder)."""
+    if plan.embeddings is not None:
+        return plan.embeddings[picks]
+    from .models.text import load_text_encoder
+
+    rows = plan.dataset.gather(picks)
+    return load_text_encoder(plan.condition_encoder).encode_ids(rows["text"], rows["mask"])
+
+
 def train_model(family: str, data_dir, out_dir, *, preset: str | None = None, steps: int | None = None,
                 resume: str | None = None, text_encoder: str = DEFAULT_TEXT_ENCODER, model_overrides: dict | None = None,
                 train_overrides: dict | None = None, framework: str = "mlx", device: str | None = None,
@@ -78,7 +134,12 @@ def train_model(family: str, data_dir, out_dir, *, preset: str | None = None, st
     fam = get_family(family)
     mcfg = fam.model_config(preset, **(model_overrides or {}))
     tcfg = fam.train_config(preset, steps=steps, **(train_overrides or {}))
-    dataset = ImageTextDataset.load(data_dir)
+    if fam.get_codec().needs_cache:
+        from .trainer import load_latent_cache
+
+        dataset = load_latent_cache(data_dir, fam)
+    else:
+        dataset = ImageTextDataset.load(data_dir)
 
     # A fixed, spread-out set of training prompts for the periodic grids.
     picks = np.linspace(0, len(dataset) - 1, min(sample_prompts, len(dataset))).astype(int)
@@ -92,7 +153,7 @@ def train_model(family: str, data_dir, out_dir, *, preset: str | None = None, st
         model = fam.build(plan.model_config, "mlx")
         load_weights_into(model, ema_weights, "EMA weights")
         cfg = plan.train_config
-        grid = sample_grid(model, plan.embeddings[picks], steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg, seed=0,
+        grid = sample_grid(model, grid_conditions(plan, picks), steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg, seed=0,
                            noise_scale=cfg.noise_scale, solver=fam.sample_defaults["solver"],
                            interval=fam.sample_defaults["cfg_interval"])
         path = save_png(grid, samples_dir / f"step-{step:07d}.png")

@@ -243,8 +243,9 @@ def _remove_tree(p: Path) -> None:
 def save_checkpoint(run_dir, step: int, *, family: str, model_config, train_config: TrainConfig,
                     text_encoder: str, weights: dict, ema: dict | None = None, optimizer: dict | None = None,
                     state: dict | None = None, keep: int = 0, framework: str = "mlx",
-                    ema2: dict | None = None) -> Path:
-    """Write run_dir/step-XXXXXXX atomically and durably; prune to the newest `keep` (0 keeps all).
+                    ema2: dict | None = None, keep_every: int = 0) -> Path:
+    """Write run_dir/step-XXXXXXX atomically and durably; prune to the newest `keep` (0 keeps all),
+    never pruning a step that is a multiple of `keep_every` (milestones of a long run).
 
     On failure (full disk, quota, read-only or missing permission, Ctrl-C) the partial
     folder is removed and every existing checkpoint is left as it was; OS errors become
@@ -310,7 +311,7 @@ def save_checkpoint(run_dir, step: int, *, family: str, model_config, train_conf
     if old is not None:
         _remove_tree(old)
     if keep > 0:
-        _prune(run_dir, keep, protect=final)
+        _prune(run_dir, keep, protect=final, keep_every=keep_every)
     return final
 
 
@@ -331,7 +332,7 @@ def _save_error(run_dir: Path, final: Path, e: OSError, hidden_old: Path | None)
     return f"cannot write checkpoint {final}: {reason}; {kept}"
 
 
-def _prune(run_dir: Path, keep: int, protect: Path) -> None:
+def _prune(run_dir: Path, keep: int, protect: Path, keep_every: int = 0) -> None:
     """Keep the newest `keep` intact checkpoints; older step folders (damaged ones too) go.
 
     Each is renamed to `.trash-*` first (one atomic step), then deleted: a killed prune
@@ -342,7 +343,8 @@ def _prune(run_dir: Path, keep: int, protect: Path) -> None:
     if protect not in kept:
         kept.append(protect)
     oldest_kept = min(_step_of(p) for p in kept)
-    stale = [p for p in _step_folders(run_dir) if _step_of(p) < oldest_kept and p not in kept]
+    stale = [p for p in _step_folders(run_dir) if _step_of(p) < oldest_kept and p not in kept
+             and not (keep_every > 0 and p in intact and _step_of(p) % keep_every == 0)]
     trash = []
     for p in stale:
         t = run_dir / _aux_name("trash", p.name)

@@ -173,5 +173,23 @@ def _register_jit() -> None:
         description="pixel-space ViT predicting the clean image (Back to Basics, seed 003)"))
 
 
+def _dit_probe_points(cfg) -> list[str]:
+    return ["time_embed", "patch_embed", "text_proj", *[f"blocks.{i}" for i in range(cfg.depth)], "final_layer"]
+
+
+def _register_dit() -> None:
+    from .config import DIT_PRESETS, DIT_TRAIN_PRESETS, DiTConfig, dit_flops_per_image
+
+    register(Family(
+        name="dit", config_class=DiTConfig, model_presets=DIT_PRESETS, train_presets=DIT_TRAIN_PRESETS,
+        mlx_model="mlxflow.models.dit:DiT", torch_model="mlxflow.torch_ref.dit:DiT",
+        prediction="velocity", codec="sd-vae", conditioning="text", probe_points=_dit_probe_points,
+        coreml=False, default_preset="tiny", flops_per_image=dit_flops_per_image,
+        # The seed samples with 50 Euler steps; CFG needs the text dropout of its train presets.
+        sample_defaults=dict(steps=50, solver="euler", cfg=4.0, cfg_interval=None),
+        description="latent text-to-image transformer on SD-VAE latents and frozen T5 states (seed 002)"))
+
+
 _register_builtin()
 _register_jit()
+_register_dit()

@@ -27,7 +27,7 @@ from .config import TrainConfig
 from .families import family_of
 from .flow import interpolate, sample_time, to_velocity, velocity_target
 from .models import load_weights_into
-from .trainer import RunPlan, StepInfo, TrainResult, prepare_run, run_lock, run_training
+from .trainer import RunPlan, StepInfo, TrainResult, eval_times, prepare_run, run_lock, run_training
 
 __all__ = ["train", "flow_matching_loss", "make_optimizer", "make_train_step", "step_key", "StepInfo"]
 
@@ -120,7 +120,8 @@ class MLXSession:
 
     def __init__(self, plan: RunPlan):
         cfg, fam = plan.train_config, plan.family
-        self.cfg = cfg
+        self.cfg, self.family = cfg, fam
+        self.kind = kind_of(fam, plan.model_config)
         mx.random.seed(cfg.seed)  # weight init
         self.model = fam.build(plan.model_config, "mlx")
         self.ema = fam.build(plan.model_config, "mlx")
@@ -142,15 +143,42 @@ class MLXSession:
         mx.eval(self.model.parameters(), self.ema.parameters(), self.optimizer.state,
                 self.ema2.parameters() if self.ema2 is not None else [])
         self.train_step = make_train_step(self.model, self.ema, self.optimizer, cfg, fam, self.ema2)
+        # A latent cache carries token ids: the frozen text encoder turns them into states here.
+        self.text_encoder = None
+        if plan.condition_encoder:
+            from .models.text import load_text_encoder
+
+            self.text_encoder = load_text_encoder(plan.condition_encoder)
+
+    def conditions(self, batch: dict) -> np.ndarray:
+        if self.text_encoder is None:
+            return batch["text"]
+        return self.text_encoder.encode_ids(batch["text"], batch["mask"])
 
     def step(self, step: int, micro: list[dict], lr: float) -> tuple[float, float]:
         self.optimizer.learning_rate = mx.array(lr, mx.float32)
         images = mx.array(np.stack([b["image"] for b in micro]))
-        text = mx.array(np.stack([b["text"] for b in micro]))
+        text = mx.array(np.stack([self.conditions(b) for b in micro]))
         loss, grad_norm = self.train_step(images, text, step_key(self.cfg.seed, step))
         mx.eval(loss, grad_norm, self.model.state, self.optimizer.state, self.ema.state,
                 self.ema2.state if self.ema2 is not None else [])
         return loss.item(), grad_norm.item()
+
+    def evaluate(self, batch: dict) -> dict:
+        """Held-out metrics on a fixed batch with fixed noise and an even spread of t (so the
+        curve moves only when the model does): eval loss, data and velocity statistics."""
+        cfg = self.cfg
+        x1 = mx.array(batch["image"])
+        b = x1.shape[0]
+        x0 = cfg.noise_scale * mx.random.normal(x1.shape, key=mx.random.key(cfg.seed + 7919))
+        t = mx.array(eval_times(b))
+        cond = mx.array(self.conditions(batch))
+        x_t = interpolate(x0, x1, t)
+        pred = to_velocity(self.family.prediction, self.model(x_t, t, network_input(self.kind, cond)), x_t, t)
+        target = velocity_target(x0, x1)
+        loss = mx.mean(mx.square(pred - target))
+        return {k: float(v) for k, v in dict(eval_loss=loss, data_mean=mx.mean(x1), data_std=mx.std(x1),
+                                             v_pred_std=mx.std(pred), v_target_std=mx.std(target)).items()}
 
     def checkpoint_tensors(self, step: int) -> dict:
         return {"weights": weights_numpy(self.model), "ema": weights_numpy(self.ema),

@@ -38,7 +38,7 @@ from .families import get_family
 from .flow import interpolate, sample_time, to_velocity, velocity_target
 from .torch_ref import default_device
 from .torch_ref.layers import set_fused_attention
-from .trainer import RunPlan, TrainResult, prepare_run, run_lock, run_training
+from .trainer import RunPlan, TrainResult, eval_times, prepare_run, run_lock, run_training
 
 
 # ----------------------------------------------------------------------------- loss and draws
@@ -227,6 +227,20 @@ class TorchSession:
         self.clip = cfg.grad_clip if cfg.grad_clip and cfg.grad_clip > 0 else float("inf")
         self.lr = cfg.lr
         model.train()
+        # A latent cache carries token ids: the frozen text encoder runs on this device per batch.
+        self.text_encoder = None
+        if plan.condition_encoder:
+            from .torch_ref.text import load_text_encoder_torch
+
+            self.text_encoder = load_text_encoder_torch(plan.condition_encoder, device)
+
+    def conditions(self, batch: dict, rows: slice) -> torch.Tensor:
+        """This rank's rows of the batch's conditions, on the device."""
+        if self.text_encoder is None:
+            return torch.from_numpy(batch["text"][rows]).to(self.device)
+        with torch.no_grad():
+            return self.text_encoder(torch.from_numpy(batch["text"][rows]).to(self.device),
+                                     torch.from_numpy(batch["mask"][rows]).to(self.device))
 
     def step(self, step: int, micro_batches: list[dict], lr: float) -> tuple[float, float]:
         cfg, rows, dev = self.cfg, self.rows, self.device
@@ -239,7 +253,7 @@ class TorchSession:
             x0, t, keep = draw_step_noise(cfg, step, micro, cfg.batch_size, self.image_shape)
             # NHWC -> NCHW (the torch twin's layout), then this rank's rows.
             x1 = torch.from_numpy(batch["image"][rows]).permute(0, 3, 1, 2).contiguous().to(dev)
-            cond = drop(self.kind, torch.from_numpy(batch["text"][rows]).to(dev), keep[rows].to(dev) > 0, self.mcfg)
+            cond = drop(self.kind, self.conditions(batch, rows), keep[rows].to(dev) > 0, self.mcfg)
             x0, t = x0[rows].to(dev), t[rows].to(dev)
             # DDP all-reduces gradients only on the last micro-batch (no_sync on the others).
             sync = self.world == 1 or micro == len(micro_batches) - 1
@@ -267,6 +281,26 @@ class TorchSession:
                     else:
                         average[k].copy_(w)
         return loss_val, grad_norm
+
+    def evaluate(self, batch: dict) -> dict:
+        """Held-out metrics on a fixed batch (the MLX twin: train.MLXSession.evaluate), on this
+        rank's unwrapped model, so evaluating needs no collective."""
+        cfg, dev = self.cfg, self.device
+        x1 = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2).contiguous().to(dev)
+        g = torch.Generator().manual_seed(cfg.seed + 7919)
+        x0 = (cfg.noise_scale * torch.randn(x1.shape, generator=g)).to(dev)
+        t = torch.from_numpy(eval_times(x1.shape[0])).to(dev)
+        cond = self.conditions(batch, slice(None))
+        self.model.eval()
+        with torch.no_grad(), self.amp():
+            x_t = interpolate(x0, x1, t)
+            pred = to_velocity(self.family.prediction, self.model(x_t, t, network_input(self.kind, cond)), x_t,
+                               t).float()
+        self.model.train()
+        target = velocity_target(x0, x1).float()
+        return {"eval_loss": float(F.mse_loss(pred, target)), "data_mean": float(x1.mean()),
+                "data_std": float(x1.std(unbiased=False)), "v_pred_std": float(pred.std(unbiased=False)),
+                "v_target_std": float(target.std(unbiased=False))}
 
     def checkpoint_tensors(self, step: int) -> dict:
         name = self.family.name

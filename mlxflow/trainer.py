@@ -58,12 +58,15 @@ class RunPlan:
     train_config: TrainConfig
     text_encoder: str
     dataset: object  # ImageTextDataset at the model's image size
-    embeddings: np.ndarray  # per-sample conditions (mlxflow.conditioning): (N, L, D) text or (N,) labels
+    embeddings: np.ndarray | None  # per-sample conditions: (N, L, D) text or (N,) labels; None: the data's own
     start_step: int = 0
     data_position: int = 0  # micro-batches consumed before start_step
     checkpoint: Checkpoint | None = None  # what we resume from
     notes: list[str] = field(default_factory=list)  # things the user should be told
     last_good: Path | None = None  # the newest intact checkpoint in run_dir before this run
+    # Spec of a frozen text encoder the sessions run on each batch's token ids (a latent
+    # cache stores ids, not states); None: the batches already carry the conditions.
+    condition_encoder: str | None = None
 
 
 @dataclass
@@ -116,6 +119,11 @@ def prepare_run(run_dir, family: str, dataset, model_config, train_config: Train
         ckpt, train_config = checkpoint_to_resume(run_dir, resume, family, train_config)
         model_config, text_encoder = ckpt.model_config, ckpt.text_encoder or text_encoder
 
+    if fam.get_codec().needs_cache:
+        dataset = load_latent_cache(dataset, fam)
+        model_config, text_encoder = fit_latent_cache(model_config, dataset, ckpt, notes)
+        return _plan(run_dir, fam, model_config, train_config, text_encoder, dataset, None, ckpt, notes, existing,
+                     condition_encoder=text_encoder)
     if not hasattr(dataset, "batches"):
         dataset = ImageTextDataset.load(dataset)
     if ckpt is None:
@@ -133,20 +141,63 @@ def prepare_run(run_dir, family: str, dataset, model_config, train_config: Train
     check_table(kind, embeddings, model_config, len(dataset))
     model_config.validate()
 
-    cfg = train_config
-    if cfg.batch_size < 1 or cfg.grad_accum < 1:
-        raise MlxflowError(f"batch size and gradient accumulation must be >= 1, got {cfg.batch_size}, {cfg.grad_accum}")
-    if len(dataset) < cfg.batch_size:
-        raise MlxflowError(f"dataset has {len(dataset)} images, fewer than the batch size {cfg.batch_size}")
     # A resized copy: the caller's dataset object is never changed under it.
     size = model_config.image_size
     if dataset.size != size:
         dataset = ImageTextDataset(dataset.path, resize_images(dataset.images, size), dataset.captions, dataset.meta)
+    return _plan(run_dir, fam, model_config, train_config, text_encoder, dataset, embeddings, ckpt, notes, existing)
 
+
+def _plan(run_dir, fam, model_config, cfg, text_encoder, dataset, embeddings, ckpt, notes, existing,
+          condition_encoder=None) -> RunPlan:
+    if cfg.batch_size < 1 or cfg.grad_accum < 1:
+        raise MlxflowError(f"batch size and gradient accumulation must be >= 1, got {cfg.batch_size}, {cfg.grad_accum}")
+    if cfg.max_samples and cfg.max_samples < len(dataset):
+        if not hasattr(dataset, "subset"):
+            raise MlxflowError(f"this dataset cannot be limited to {cfg.max_samples} samples")
+        notes.append(f"training on the first {cfg.max_samples} of {len(dataset)} samples (max_samples)")
+        dataset = dataset.subset(cfg.max_samples)
+        embeddings = None if embeddings is None else embeddings[:cfg.max_samples]
+    if len(dataset) < cfg.batch_size:
+        raise MlxflowError(f"dataset has {len(dataset)} images, fewer than the batch size {cfg.batch_size}")
     start = ckpt.step if ckpt is not None else 0
     position = int(ckpt.state.get("batches_consumed", start * cfg.grad_accum)) if ckpt is not None else 0
     return RunPlan(run_dir, fam, model_config, cfg, text_encoder, dataset, embeddings, start, position, ckpt, notes,
-                   existing[-1] if existing else None)
+                   existing[-1] if existing else None, condition_encoder)
+
+
+def load_latent_cache(dataset, fam: Family):
+    """A latent-space family trains on a latent cache (`mlxflow data latents`), never on raw images."""
+    if hasattr(dataset, "latent_shape"):
+        return dataset
+    from .data.latent_cache import LatentCache
+
+    path = Path(getattr(dataset, "path", dataset))
+    if not (path / "cache.json").is_file():
+        raise MlxflowError(f"the {fam.name} family trains on a latent cache and {path} is not one; "
+                           f"build it with: mlxflow data latents {path}-latents --src {path}")
+    return LatentCache.load(path)
+
+
+def fit_latent_cache(model_config, cache, ckpt, notes: list[str]):
+    """(model config, text encoder spec) that fit a latent cache: a fresh model takes the
+    cache's latent grid, text length and encoders; a resumed one must match them."""
+    meta = cache.meta
+    h, w, c = cache.latent_shape
+    want = dict(image_size=int(meta["image_size"]), latent_downsample=int(meta["image_size"]) // h, in_channels=c,
+                text_tokens=int(cache.text_tokens), text_dim=int(meta["text_dim"]), vae=meta["vae"],
+                text_encoder=meta["text_encoder"])
+    if ckpt is None:
+        model_config = replace(model_config, **want)
+    else:
+        have = {k: getattr(model_config, k) for k in want}
+        diff = [f"{k} {have[k]} vs {want[k]}" for k in want if have[k] != want[k]]
+        if diff:
+            raise MlxflowError(f"checkpoint {ckpt.path.name} does not fit the cache {cache.path}: {'; '.join(diff)}")
+    if meta.get("random"):
+        notes.append(f"{cache.path} was encoded with RANDOM tiny encoders ({meta['vae']}, {meta['text_encoder']}): "
+                     "a pipeline check, not a model of images")
+    return model_config.validate(), meta["text_encoder"]
 
 
 def data_conditioning(dataset) -> str:
@@ -193,6 +244,11 @@ def run_lock(run_dir, rank: int = 0):
     from .runlock import RunLock
 
     return RunLock(run_dir) if rank == 0 else contextlib.nullcontext()
+
+
+def eval_times(batch: int) -> np.ndarray:
+    """float32 (B,) times spread evenly over (0, 1): the fixed t of held-out evaluation."""
+    return ((np.arange(batch) + 0.5) / batch).astype(np.float32)
 
 
 def check_finite(step: int, loss: float, grad_norm: float, last_good: Path | None) -> None:
@@ -244,8 +300,13 @@ def run_training(plan: RunPlan, session, *, framework: str,
                  on_checkpoint: Callable[[Path], None] | None = None,
                  on_sample: Callable[[int, dict, RunPlan], None] | None = None,
                  on_message: Callable[[str], None] | None = None,
+                 on_eval: Callable[[int, dict, RunPlan], dict | None] | None = None,
                  extra_state: dict | None = None) -> TrainResult:
-    """The step loop both trainers run (see the module docstring)."""
+    """The step loop both trainers run (see the module docstring).
+
+    Rank 0 appends train records (every log_every steps) and eval records (every eval_every
+    steps: session.evaluate's metrics plus what `on_eval(step, ema_weights, plan)` returns,
+    e.g. FID) to RUN/log.jsonl, which `mlxflow plot RUN` draws."""
     cfg, step = plan.train_config, plan.start_step
     say = on_message or (lambda msg: print(msg, file=sys.stderr))
     if session.rank == 0:
@@ -273,12 +334,23 @@ def run_training(plan: RunPlan, session, *, framework: str,
                 state={"batches_consumed": position, "loss": losses[-1] if losses else None,
                        "dataset": str(getattr(plan.dataset, "path", "")), "world_size": session.world,
                        **({"classes": classes} if classes else {}), **(extra_state or {})},
-                keep=cfg.keep_checkpoints, framework=framework)
+                keep=cfg.keep_checkpoints, framework=framework, keep_every=cfg.keep_every)
             if on_checkpoint:
                 on_checkpoint(path)
         session.barrier()  # nobody races ahead (or exits) while rank 0 is still writing
         last_good = path
         return path
+
+    log = None
+    if session.rank == 0:
+        from .runlog import RunLog
+
+        log = RunLog(plan.run_dir, resume_step=plan.start_step)
+    eval_batch = None
+    if cfg.eval_every and session.rank == 0 and hasattr(session, "evaluate"):
+        # A fixed batch from another permutation of the data, with fixed noise and times
+        # (eval_times): its loss curve moves only when the model does.
+        eval_batch = next(plan.dataset.batches(cfg.batch_size, cfg.seed + 1, embeddings=plan.embeddings))
 
     interrupted = False
     with graceful_interrupt(say if session.rank == 0 else None) as stop:
@@ -292,10 +364,17 @@ def run_training(plan: RunPlan, session, *, framework: str,
             losses.append(loss)
             step += 1
             now = time.perf_counter()
+            info = StepInfo(step, cfg.steps, loss, lr, grad_norm, cfg.batch_size * cfg.grad_accum / max(now - tic, 1e-9))
             if on_step and session.rank == 0:
-                on_step(StepInfo(step, cfg.steps, loss, lr, grad_norm,
-                                 cfg.batch_size * cfg.grad_accum / max(now - tic, 1e-9)))
-            tic = now
+                on_step(info)
+            if log is not None and (step % max(cfg.log_every, 1) == 0 or step == cfg.steps):
+                log.write("train", step, loss=loss, lr=lr, grad_norm=grad_norm, img_per_s=info.img_per_s)
+            if eval_batch is not None and step % cfg.eval_every == 0:
+                metrics = session.evaluate(eval_batch)
+                if on_eval is not None:
+                    metrics.update(on_eval(step, session.ema_weights(), plan) or {})
+                log.write("eval", step, **metrics)
+            tic = time.perf_counter()
             if session.any_rank(stop.requested) and step < cfg.steps:
                 interrupted = True
                 break

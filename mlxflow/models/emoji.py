@@ -5,6 +5,10 @@ a frozen text embedding. Every residual block is FiLM-modulated by one condition
 vector (time MLP + projected pooled text); cross-attention lets image tokens read the
 text tokens at the coarse levels. Input and output are channels-last (B, H, W, 3).
 The network only maps (x_t, t, text) -> output; config.prediction says what that is.
+
+With config.text_mask, text is (B, L, D) per-token states whose padding rows are exactly
+zero: the key-padding mask is `any(text != 0, axis=-1)`, so padding never needs a second
+input and an all-zero text (CFG's dropped condition) masks every key.
 """
 
 from __future__ import annotations
@@ -14,6 +18,30 @@ import mlx.nn as nn
 
 from ..config import EmojiConfig
 from ..layers import Attention, TimestepEmbedding, group_norm, upsample_nearest_2x
+
+# Additive attention score for padded text keys: the value of models/text.py. Finite in
+# fp16 (the Core ML export computes in fp16), yet exp(-1e4) is exactly 0 in fp16 and fp32.
+MASK_VALUE = -1e4
+# Floor of the pooled vector's norm: a normal fp16 number, so an all-zero (dropped) text
+# pools to 0/1e-4 = 0 even where a device flushes fp16 subnormals to zero.
+NORM_FLOOR = 1e-4
+
+
+def text_context(text: mx.array, masked: bool) -> tuple[mx.array, mx.array | None, mx.array | None]:
+    """(B, L, D) text -> (pooled (B, D), additive key mask (B, 1, 1, L) or None, has_text (B,) or None).
+
+    masked: pooled = L2-normalised mean of the non-zero rows (0 for an all-zero text); the
+    mask puts MASK_VALUE on zero rows; has_text is 1.0 where any row is non-zero, else 0.0.
+    Unmasked (old configs): the plain mean over L, no mask, no gate.
+    """
+    if not masked:
+        return text.mean(axis=1), None, None
+    keep = mx.any(text != 0, axis=-1).astype(text.dtype)  # (B, L)
+    count = mx.maximum(keep.sum(axis=1, keepdims=True), 1.0)
+    mean = text.sum(axis=1) / count  # padding rows are exactly 0, so the plain sum is the masked sum
+    pooled = mean / mx.maximum(mx.linalg.norm(mean, axis=-1, keepdims=True), NORM_FLOOR)
+    additive = ((1.0 - keep) * MASK_VALUE)[:, None, None, :]
+    return pooled, additive, keep.max(axis=1)
 
 
 class ResBlock(nn.Module):
@@ -58,10 +86,17 @@ class CrossAttention2d(nn.Module):
         self.norm = group_norm(groups, ch)
         self.attn = Attention(ch, heads, kv_dim=text_dim)
 
-    def __call__(self, x: mx.array, text: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, text: mx.array, mask: mx.array | None = None,
+                 has_text: mx.array | None = None) -> mx.array:
+        """x (B,H,W,C), text (B,L,D); mask (B,1,1,L) additive; has_text (B,) gates the update."""
         B, H, W, C = x.shape
         h = self.norm(x).reshape(B, H * W, C)
-        return x + self.attn(h, context=text).reshape(B, H, W, C)
+        out = self.attn(h, context=text, mask=mask)
+        if has_text is not None:
+            # A fully masked row attends uniformly to the padding (= the v/out biases), so
+            # gate it off: a dropped condition must add exactly nothing.
+            out = out * has_text[:, None, None]
+        return x + out.reshape(B, H, W, C)
 
 
 class Stage(nn.Module):
@@ -75,13 +110,14 @@ class Stage(nn.Module):
             [CrossAttention2d(out_ch, cfg.heads, cfg.groups, cfg.text_dim) for _ in range(n_blocks)] if cross_attn else []
         )
 
-    def __call__(self, x: mx.array, cond: mx.array, text: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, cond: mx.array, text: mx.array, mask: mx.array | None = None,
+                 has_text: mx.array | None = None) -> mx.array:
         for i, block in enumerate(self.blocks):
             x = block(x, cond)
             if self.self_attn:
                 x = self.self_attn[i](x)
             if self.cross_attn:
-                x = self.cross_attn[i](x, text)
+                x = self.cross_attn[i](x, text, mask, has_text)
         return x
 
 
@@ -122,17 +158,18 @@ class EmojiFlow(nn.Module):
         self.out_conv = nn.Conv2d(ch[0], cfg.in_channels, 3, padding=1)
 
     def __call__(self, x: mx.array, t: mx.array, text: mx.array) -> mx.array:
-        cond = self.time_embed(t) + self.text_proj(text.mean(axis=1))
+        pooled, mask, has_text = text_context(text, self.config.text_mask)
+        cond = self.time_embed(t) + self.text_proj(pooled)
         h = self.stem(x)
         skips = []
         for lvl, stage in enumerate(self.down):
-            h = stage(h, cond, text)
+            h = stage(h, cond, text, mask, has_text)
             skips.append(h)
             if lvl < len(self.downsample):
                 h = self.downsample[lvl](h)
-        h = self.mid(h, cond, text)
+        h = self.mid(h, cond, text, mask, has_text)
         for i, stage in enumerate(self.up):
-            h = stage(mx.concatenate([h, skips.pop()], axis=-1), cond, text)
+            h = stage(mx.concatenate([h, skips.pop()], axis=-1), cond, text, mask, has_text)
             if i < len(self.upsample):
                 h = self.upsample[i](upsample_nearest_2x(h))
         return self.out_conv(nn.silu(self.out_norm(h)))

@@ -49,7 +49,10 @@ class BertLayer(nn.Module):
 
 
 class BertEncoder(nn.Module):
-    """(ids (B,T) int, attention_mask (B,T) {0,1}) -> pooled sentence embedding (B, dim)."""
+    """(ids (B,T) int, attention_mask (B,T) {0,1}) -> pooled sentence embedding (B, dim).
+
+    `token_states` gives the per-token last hidden states (B, T, dim) the pooling reads.
+    """
 
     def __init__(self, config: dict, pooling: str = "mean", normalize: bool = True):
         super().__init__()
@@ -60,17 +63,24 @@ class BertEncoder(nn.Module):
         self.layers = nn.ModuleList(BertLayer(dim, config["num_attention_heads"], config["intermediate_size"], eps)
                                     for _ in range(config["num_hidden_layers"]))
 
-    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor, type_ids: torch.Tensor | None = None):
+    def token_states(self, ids: torch.Tensor, attention_mask: torch.Tensor,
+                     type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,T) ids and mask -> (B, T, dim) last hidden states, padding rows exactly 0."""
         type_ids = torch.zeros_like(ids) if type_ids is None else type_ids
         x = self.embeddings(ids, type_ids)
         keep = attention_mask.float()
         additive = ((1.0 - keep) * MASK_VALUE)[:, None, None, :].to(x.dtype)
         for layer in self.layers:
             x = layer(x, additive)
+        return x * keep[..., None].to(x.dtype)
+
+    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor, type_ids: torch.Tensor | None = None):
+        x = self.token_states(ids, attention_mask, type_ids)
+        keep = attention_mask.float()
         if self.pooling == "cls":
             pooled = x[:, 0]
         else:
-            pooled = (x * keep[..., None]).sum(dim=1) / keep.sum(dim=1, keepdim=True).clamp_min(1e-9)
+            pooled = x.sum(dim=1) / keep.sum(dim=1, keepdim=True).clamp_min(1e-9)
         if self.normalize:
             pooled = pooled / pooled.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         return pooled
