@@ -38,8 +38,10 @@ def _progress_callback(progress: Progress, description: str):
 def cmd_latents(args) -> int:
     from mlxflow import api
 
+    from mlxflow.errors import MlxflowError
+
     if not args.src:
-        raise SystemExit("mlxflow data latents: give --src (tar shards, an image folder or a dataset folder)")
+        raise MlxflowError("mlxflow data latents: give --src (tar shards, an image folder or a dataset folder)")
     with _bar(TextColumn("{task.fields[skipped]} skipped")) as progress:
         task = progress.add_task("encode (VAE + tokens)", total=None, skipped=0)
 
@@ -149,6 +151,10 @@ def cmd_sample(args) -> int:
                           preview_dir=args.preview_dir, preview_every=args.preview_every, weights=args.weights,
                           framework=args.framework, device=args.device,
                           on_step=lambda i, total: progress.update(task, completed=i))
+    fake = api.random_encoders(args.ckpt)
+    if fake:
+        out.print(f"note: this model was trained with RANDOM tiny encoders ({', '.join(fake)}): "
+                  "its images check the pipeline, they are not meant to look like anything")
     if args.verbose:
         from mlxflow.sample import model_evals
 

@@ -441,6 +441,28 @@ def checkpoint_info(ckpt, *, examples: int = 8) -> dict:
             "examples": list(dict.fromkeys(names[i] for i in picks)) if kind == "text" else []}
 
 
+def random_encoders(ckpt) -> list[str]:
+    """The frozen encoders of a checkpoint that are tiny RANDOM ones (`--random-encoders`):
+    specs whose folder's config.json says "mlxflow_random" (empty for real weights)."""
+    from .checkpoint import resolve_checkpoint
+
+    path = resolve_checkpoint(ckpt)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return []
+    model = config.get("model", {})
+    found = []
+    for spec in (model.get("vae"), config.get("text_encoder") or model.get("text_encoder")):
+        folder = spec.partition(":")[2] if isinstance(spec, str) else ""
+        try:
+            if folder and json.loads((Path(folder) / "config.json").read_text()).get("mlxflow_random"):
+                found.append(spec)
+        except (OSError, ValueError):
+            pass
+    return found
+
+
 def sampling_defaults(ckpt) -> dict:
     """The family's sampling defaults for a checkpoint: {"steps", "solver", "cfg", "cfg_interval"}."""
     from .families import get_family

@@ -333,7 +333,9 @@ def run_training(plan: RunPlan, session, *, framework: str,
                 ema2=tensors.get("ema2"), optimizer=tensors["optimizer"],
                 state={"batches_consumed": position, "loss": losses[-1] if losses else None,
                        "dataset": str(getattr(plan.dataset, "path", "")), "world_size": session.world,
-                       **({"classes": classes} if classes else {}), **(extra_state or {})},
+                       **({"classes": classes} if classes else {}),
+                       **({"random_encoders": True} if getattr(plan.dataset, "meta", {}).get("random") else {}),
+                       **(extra_state or {})},
                 keep=cfg.keep_checkpoints, framework=framework, keep_every=cfg.keep_every)
             if on_checkpoint:
                 on_checkpoint(path)
