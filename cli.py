@@ -167,6 +167,20 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_fid(args) -> int:
+    from mlxflow import api
+
+    with _bar() as progress:
+        task = progress.add_task("sample + Inception features", total=None)
+        r = api.fid_score(args.ckpt, args.data, n=args.n, steps=args.steps, solver=args.solver, cfg_scale=args.cfg,
+                          seed=args.seed, shift=args.shift, fid_weights=args.fid_weights,
+                          on_progress=lambda i, total: progress.update(task, completed=i, total=total))
+    out.print(f"FID {r['fid']:.2f}  ({r['n']} samples vs the first {r['n']} training images; {r['solver']}, "
+              f"{r['steps']} steps, shift {r['shift']:g}, CFG {r['cfg']:g}, seed {r['seed']}; step {r['step']}; "
+              f"{r['network']})")
+    return 0
+
+
 def cmd_plot(args) -> int:
     from mlxflow.plot import plot_run
 
@@ -386,6 +400,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preview-dir", help="write a grid every --preview-every steps here")
     s.add_argument("--preview-every", type=int, default=0)
     s.set_defaults(func=cmd_sample)
+
+    fd = sub.add_parser("fid", help="FID (standard Inception) of a checkpoint against its training data")
+    fd.add_argument("ckpt")
+    fd.add_argument("--data", required=True, help="the dataset folder or latent cache it trained on")
+    fd.add_argument("--n", type=int, default=1000, help="samples (and reference images); keep it fixed to compare")
+    fd.add_argument("--steps", type=int, help="solver steps (default: the family's)")
+    fd.add_argument("--solver", choices=sorted(SOLVERS), help="(default: the family's)")
+    fd.add_argument("--shift", type=float, default=1.0)
+    fd.add_argument("--cfg", type=float, help="guidance scale (default: the family's)")
+    fd.add_argument("--seed", type=int, default=0)
+    fd.add_argument("--fid-weights", help="inception-2015-12-05.pt (default: $MLXFLOW_FID_WEIGHTS, caches)")
+    fd.set_defaults(func=cmd_fid)
 
     pl = sub.add_parser("plot", help="draw a run's curves (RUN/log.jsonl) to a PNG")
     pl.add_argument("run", help="run folder")

@@ -160,9 +160,24 @@ def train_model(family: str, data_dir, out_dir, *, preset: str | None = None, st
         if on_sample:
             on_sample(step, path)
 
+    def evaluate_fid(step, ema_weights, plan):
+        """FID of the EMA at each evaluation, when the FID network's weights are on this machine."""
+        from .fid import fid_available
+        from .models import load_weights_into
+
+        if not fid_available():
+            return None
+        model = fam.build(plan.model_config, "mlx")
+        load_weights_into(model, ema_weights, "EMA weights")
+        cfg, d = plan.train_config, fam.sample_defaults
+        return {"fid": fid_of_model(model, fam, plan.model_config, plan.dataset, data_dir, n=cfg.eval_samples,
+                                    text_encoder=plan.condition_encoder or plan.text_encoder, steps=cfg.sample_steps,
+                                    solver=d["solver"], cfg_scale=cfg.sample_cfg, interval=d["cfg_interval"],
+                                    noise_scale=cfg.noise_scale)}
+
     kwargs = dict(family=family, text_encoder=text_encoder, resume=resume, embeddings=None, on_step=on_step,
                   on_checkpoint=on_checkpoint, on_sample=write_samples if sample_prompts else None,
-                  on_message=on_message)
+                  on_message=on_message, on_eval=evaluate_fid)
     if framework == "mlx":
         from .train import train
 
@@ -270,6 +285,84 @@ def prompt_fidelity(ckpt, data_dir, *, k: int = 16, n: int = 2, steps: int = 20,
     score = fidelity(decode_images(model, x), np.repeat(prompts, n), reference)
     return {"fidelity": float(score), "prompts": len(prompts), "samples": len(prompts) * n,
             "chance": 1.0 / len(dataset), "untrained": untrained, "step": ck.step}
+
+
+def fid_references(fam, model_config, dataset, n: int, text_encoder: str):
+    """(conditions of the first n samples as the network takes them, images_fn for the FID
+    reference statistics): a pixel dataset's own images at the model's size; a latent
+    cache's VAE decodes (the images its latents stand for: the cache keeps no pixels)."""
+    from .conditioning import kind_of
+    from .sample import to_uint8
+
+    n = min(n, len(dataset))
+    if fam.get_codec().needs_cache:
+        from .models.text import load_text_encoder
+
+        rows = dataset.gather(np.arange(n))
+        cond = load_text_encoder(text_encoder).encode_ids(rows["text"], rows["mask"])
+
+        def images_fn(count):
+            for lo in range(0, count, 64):
+                part = dataset.gather(np.arange(lo, min(lo + 64, count)))["image"]
+                yield to_uint8(fam.get_codec().decode(part, model_config))
+        return cond, images_fn
+    from .data.transforms import resize_images
+    from .trainer import condition_table
+
+    cond = condition_table(kind_of(fam, model_config), dataset, text_encoder)[:n]
+    return cond, lambda count: resize_images(dataset.images[:count], model_config.image_size)
+
+
+def fid_of_model(model, fam, model_config, dataset, data_dir, *, n: int, text_encoder: str, steps: int, solver: str,
+                 cfg_scale: float, interval=None, shift: float = 1.0, noise_scale: float = 1.0, seed: int = 0,
+                 batch: int = 50, net=None, on_progress: Callable[[int, int], None] | None = None) -> float:
+    """FID (standard Inception) of n samples drawn for the conditions of the first n training
+    samples, against those samples' images (reference statistics cached in the data folder)."""
+    from .fid import fid, load_fid_network, reference_statistics
+    from .sample import sample_steps, to_uint8
+
+    net = net or load_fid_network()
+    cond, images_fn = fid_references(fam, model_config, dataset, n, text_encoder)
+    n = len(cond)
+    mu, sigma = reference_statistics(data_dir, images_fn, net, n, fingerprint=f"{fam.name}-{model_config.image_size}")
+    images = []
+    for lo in range(0, n, batch):
+        *_, (_, _, x) = sample_steps(model, mx.array(cond[lo:lo + batch]), steps=steps, solver=solver,
+                                     cfg_scale=cfg_scale, seed=seed + lo, interval=interval, shift=shift,
+                                     noise_scale=noise_scale)
+        images.append(to_uint8(fam.get_codec().decode(np.asarray(x), model_config)))
+        if on_progress:
+            on_progress(min(lo + batch, n), n)
+    return fid(np.concatenate(images), mu, sigma, net)
+
+
+def fid_score(ckpt, data_dir, *, n: int = 1000, steps: int | None = None, solver: str | None = None,
+              cfg_scale: float | None = None, seed: int = 0, shift: float = 1.0, fid_weights=None,
+              weights: str = "ema", on_progress=None) -> dict:
+    """FID of a checkpoint against its training data (a dataset folder or a latent cache)."""
+    from .fid import load_fid_network
+    from .families import get_family
+    from .models import load_model
+
+    model, ck = load_model(ckpt, use_ema=weights)
+    fam = get_family(ck.family)
+    d = fam.sample_defaults
+    steps, solver = steps or d["steps"], solver or d["solver"]
+    cfg_scale = d["cfg"] if cfg_scale is None else cfg_scale
+    net = load_fid_network(fid_weights)
+    if fam.get_codec().needs_cache:
+        from .trainer import load_latent_cache
+
+        dataset = load_latent_cache(data_dir, fam)
+    else:
+        from .data.dataset import ImageTextDataset
+
+        dataset = ImageTextDataset.load(data_dir)
+    score = fid_of_model(model, fam, ck.model_config, dataset, data_dir, n=n, text_encoder=ck.text_encoder,
+                         steps=steps, solver=solver, cfg_scale=cfg_scale, interval=d["cfg_interval"], shift=shift,
+                         noise_scale=ck.train_config.noise_scale, seed=seed, net=net, on_progress=on_progress)
+    return {"fid": score, "n": min(n, len(dataset)), "steps": steps, "solver": solver, "cfg": cfg_scale,
+            "shift": shift, "seed": seed, "step": ck.step, "network": net.id}
 
 
 # Dense bf16 tensor-core peaks (FLOP/s) by GPU name, for MFU. MFU always divides by the

@@ -199,7 +199,8 @@ def train(run_dir, dataset, model_config, train_config: TrainConfig, *, family: 
           resume: str | None = None, embeddings: np.ndarray | None = None,
           on_step: Callable[[StepInfo], None] | None = None, on_checkpoint: Callable | None = None,
           on_sample: Callable[[int, dict, RunPlan], None] | None = None,
-          on_message: Callable[[str], None] | None = None) -> TrainResult:
+          on_message: Callable[[str], None] | None = None,
+          on_eval: Callable[[int, dict, RunPlan], dict | None] | None = None) -> TrainResult:
     """Train (or resume) `family` with MLX on a dataset (folder or ImageTextDataset).
 
     `embeddings` (N,L,D) skips the text encoder (tests, custom conditioning).
@@ -209,4 +210,4 @@ def train(run_dir, dataset, model_config, train_config: TrainConfig, *, family: 
         plan = prepare_run(run_dir, family, dataset, model_config, train_config, text_encoder=text_encoder,
                            resume=resume, embeddings=embeddings)
         return run_training(plan, MLXSession(plan), framework="mlx", on_step=on_step, on_checkpoint=on_checkpoint,
-                            on_sample=on_sample, on_message=on_message)
+                            on_sample=on_sample, on_message=on_message, on_eval=on_eval)

@@ -326,7 +326,7 @@ class TorchSession:
 
 def train_torch(run_dir, dataset, model_config, train_config: TrainConfig, *, family: str,
                 text_encoder: str = "minilm", resume: str | None = None, device=None, embeddings=None,
-                on_step=None, on_checkpoint=None, on_sample=None, on_message=None) -> TrainResult:
+                on_step=None, on_checkpoint=None, on_sample=None, on_message=None, on_eval=None) -> TrainResult:
     """Train `family` with torch on a dataset (folder or ImageTextDataset); same contract as train.train.
 
     Under torchrun (WORLD_SIZE > 1) every rank calls this; rank 0 writes checkpoints.
@@ -340,7 +340,8 @@ def train_torch(run_dir, dataset, model_config, train_config: TrainConfig, *, fa
             session = TorchSession(plan, rank, world, dev)
             rng = f"torch generator per (seed={plan.train_config.seed}, step, micro)"
             result = run_training(plan, session, framework="torch", on_step=on_step, on_checkpoint=on_checkpoint,
-                                  on_sample=on_sample, on_message=on_message, extra_state={"rng": rng})
+                                  on_sample=on_sample, on_message=on_message, on_eval=on_eval,
+                                  extra_state={"rng": rng})
         result.extra.update(world_size=world, rank=rank, device=str(dev), digest=weights_digest(session.model))
         return result
     finally:
