@@ -519,7 +519,16 @@ def checkpoint_info(ckpt, *, examples: int = 8) -> dict:
     kind = model.get("conditioning", fam.conditioning)
     names: list[str] = []
     data = state.get("dataset")
-    if data and (Path(data) / "captions.json").is_file():
+    if data and (Path(data) / "cache.json").is_file():  # a latent cache: captions live in its shards
+        try:
+            from .data.latent_cache import LatentCache
+
+            cache = LatentCache.load(data)
+            picks = np.linspace(0, len(cache) - 1, min(examples, len(cache))).astype(int) if len(cache) else []
+            names = [cache.caption(int(i)) for i in picks]
+        except Exception:  # noqa: BLE001 - examples are a nicety; an unreadable cache just has none
+            names = []
+    elif data and (Path(data) / "captions.json").is_file():
         try:
             names = [c["text"] if isinstance(c, dict) else str(c)
                      for c in json.loads((Path(data) / "captions.json").read_text(encoding="utf-8"))]

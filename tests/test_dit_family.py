@@ -154,6 +154,7 @@ def test_sample_crosscheck_and_cli(cache, tmp_path, capsys):
     w, h = Image.open(out).size
     assert w > h > 128  # two rows (prompts) of three 64x64 decoded samples
     assert "RANDOM" in capsys.readouterr().out
+    assert "a red square" in api.checkpoint_info(run)["examples"]  # the web demo's example prompts
 
 
 def test_user_errors(cache, tmp_path):
@@ -181,3 +182,27 @@ def test_bench_finds_the_largest_batch_and_counts_flops():
     row = api.bench_largest_batch("dit", "tiny", framework="mlx", start=2, limit=8, steps=1, warmup=1)
     assert row["batch_size"] == 8 and [b for b, _ in row["tried"]] == [2, 4, 8]
     assert row["fwd_flops_per_image"] > 0
+
+
+def test_torchrun_ddp_on_a_latent_cache(cache, tmp_path):
+    """Two gloo ranks through the documented torchrun entry, each encoding its rows with the T5 twin."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch without gloo")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "-m", "mlxflow.train_torch", "--family", "dit", "--data", str(cache.path),
+           "--preset", "tiny", "--steps", "2", "--batch-size", "8", "--ckpt-every", "0", "--out", str(tmp_path / "run")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo))
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = load_checkpoint(tmp_path / "run")
+    assert ckpt.step == 2 and ckpt.state["world_size"] == 2 and ckpt.model_config.vae == cache.meta["vae"]
