@@ -213,15 +213,24 @@ def cmd_bench(args) -> int:
                                                     on_try=tried, steps=args.steps, **kw))
             else:
                 rows.append(api.bench(args.family, args.preset, int(args.batch_size), args.steps, **kw))
+        if args.trainer:
+            with console.status(f"timing the {fw} trainer..."):
+                rows[-1].update(api.bench_trainer(args.family, args.preset, rows[-1]["batch_size"], args.steps,
+                                                  data=args.data, **kw))
     title = "largest batch that fits (up to --max-batch)" if auto else f"batch {args.batch_size}"
     table = Table(title=f"{args.family}/{args.preset or 'default'} train step, {title}")
-    for col in ("framework", "device", "batch", "img/s", "peak MB", "params", "GFLOP/img fwd", "MFU", "BLAS"):
+    for col in ("framework", "device", "batch", "img/s", "trainer img/s", "peak MB", "params", "GFLOP/img fwd",
+                "MFU", "trainer MFU", "BLAS"):
         table.add_column(col)
     for r in rows:
         flops = r.get("fwd_flops_per_image")
-        table.add_row(r["framework"], str(r["device"]), str(r.get("batch_size", args.batch_size)), f"{r['img_per_s']:.1f}", f"{r.get('peak_mem_mb', 0):.0f}",
+        trainer = r.get("trainer_img_per_s")
+        trainer_mfu = r["mfu"] * trainer / r["img_per_s"] if r.get("mfu") is not None and trainer else None
+        table.add_row(r["framework"], str(r["device"]), str(r.get("batch_size", args.batch_size)),
+                      f"{r['img_per_s']:.1f}", f"{trainer:.1f}" if trainer else "-", f"{r.get('peak_mem_mb', 0):.0f}",
                       f"{r.get('params', 0) / 1e6:.2f}M", f"{flops / 1e9:.2f}" if flops else "-",
-                      f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-", r.get("blas", "-"))
+                      f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-",
+                      f"{100 * trainer_mfu:.1f}%" if trainer_mfu is not None else "-", r.get("blas", "-"))
     out.print(table)
     if any(r.get("fwd_flops_per_image") for r in rows):
         out.print("FLOPs: 2 x multiply-adds of the matmuls; a training image costs 3 x forward. "
@@ -244,12 +253,13 @@ def cmd_fidelity(args) -> int:
     defaults = api.sampling_defaults(args.ckpt)
     steps, solver = args.steps or defaults["steps"], args.solver or defaults["solver"]
     cfg = args.cfg if args.cfg is not None else defaults["cfg"]
-    table.caption = f"{solver}, {steps} steps, shift {args.shift:g}, CFG {cfg:g}, {args.n} samples for each of {args.k} prompts, seed {args.seed}"
+    table.caption = f"{solver}, {steps} steps, shift {args.shift:g}, CFG {cfg:g}, {args.n} samples for each of {len(args.prompts) if args.prompts else args.k} prompts, seed {args.seed}"
     for untrained in ((False, True) if args.baseline else (False,)):
         with console.status("sampling..."):
             r = api.prompt_fidelity(args.ckpt, args.data, k=args.k, n=args.n, steps=steps, solver=solver,
                                     cfg_scale=cfg, seed=args.seed, untrained=untrained,
-                                    interval=defaults["cfg_interval"], shift=args.shift)
+                                    interval=defaults["cfg_interval"], shift=args.shift,
+                                    prompts=args.prompts or None)
         table.add_row("untrained" if untrained else "trained", str(0 if untrained else r["step"]),
                       f"{r['fidelity']:.3f}", str(r["samples"]), f"{r['chance']:.4f}")
     out.print(table)
@@ -424,6 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", default="32",
                    help="batch size, or 'auto': double from 8 until memory (or --max-batch) runs out")
     b.add_argument("--max-batch", type=int, default=1024, help="largest batch 'auto' tries")
+    b.add_argument("--trainer", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the whole trainer (data, step, EMA, syncs) beside the bare step")
+    b.add_argument("--data", help="(--trainer) dataset folder or latent cache (default: random images; "
+                                  "dit needs a cache)")
     b.add_argument("--steps", type=int, default=10)
     b.add_argument("--framework", choices=["mlx", "torch", "both"], default="both",
                    help="both (default) times MLX and torch on the same preset and batch")
@@ -439,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--steps", type=int, help="solver steps (default: the family's)")
     f.add_argument("--solver", choices=sorted(SOLVERS), help="(default: the family's)")
     f.add_argument("--shift", type=float, default=1.0, help="time-grid shift (> 1: more steps near noise)")
+    f.add_argument("--prompts", nargs="+", help="training captions to score (default: --k spread over the set)")
     f.add_argument("--cfg", type=float, help="(default: the family's)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--baseline", action="store_true", help="also score an untrained model of the same shape")

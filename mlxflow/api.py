@@ -256,8 +256,9 @@ def sample_frames(model, ckpt, prompts: list[str], *, n: int = 1, steps: int = 2
 
 def prompt_fidelity(ckpt, data_dir, *, k: int = 16, n: int = 2, steps: int = 20, solver: str = "heun",
                     cfg_scale: float = 3.0, seed: int = 0, untrained: bool = False, interval=None,
-                    shift: float = 1.0) -> dict:
-    """Share of samples whose nearest training image is the prompted one, for K training labels.
+                    shift: float = 1.0, prompts: list[str] | None = None) -> dict:
+    """Share of samples whose nearest training image is the prompted one, for K training labels
+    spread over the set, or for the given training captions (`prompts`, e.g. a demo's rows).
 
     `untrained=True` measures a randomly initialised model of the same architecture: the
     floor a trained model must beat.
@@ -277,7 +278,14 @@ def prompt_fidelity(ckpt, data_dir, *, k: int = 16, n: int = 2, steps: int = 20,
     emb = dataset.text_embeddings(load_text_encoder(ck.text_encoder))
     if emb.shape[1:] != (ck.model_config.text_tokens, ck.model_config.text_dim):
         raise MlxflowError("the dataset's text embeddings do not match the checkpoint's encoder")
-    prompts = np.linspace(0, len(dataset) - 1, min(k, len(dataset))).astype(int)
+    if prompts:
+        index = {c: i for i, c in reversed(list(enumerate(dataset.captions)))}
+        missing = [p for p in prompts if p not in index]
+        if missing:
+            raise MlxflowError(f"not training captions of {data_dir}: {', '.join(missing)}")
+        prompts = np.array([index[p] for p in prompts])
+    else:
+        prompts = np.linspace(0, len(dataset) - 1, min(k, len(dataset))).astype(int)
     text = mx.array(np.repeat(emb[prompts], n, axis=0))
     *_, (_, _, x) = sample_steps(model, text, steps=steps, solver=solver, cfg_scale=cfg_scale, seed=seed,
                                  interval=interval, noise_scale=ck.train_config.noise_scale, shift=shift)
@@ -388,6 +396,26 @@ def _out_of_memory(e: BaseException) -> bool:
                                                            or "malloc" in msg or isinstance(e, MemoryError))
 
 
+def counted_flops_per_image(fam, model_config) -> float | None:
+    """Forward FLOPs of one image counted by torch's FlopCounterMode on the torch twin (matmuls
+    and convolutions, 2 x multiply-adds), for families without a closed form; None without torch."""
+    try:
+        import torch
+        from torch.utils.flop_counter import FlopCounterMode
+    except ImportError:
+        return None
+    from .conditioning import kind_of, network_input, random_table
+
+    model = fam.build(model_config, "torch").eval()
+    h, w, c = fam.network_shape(model_config)
+    kind = kind_of(fam, model_config)
+    cond = network_input(kind, torch.from_numpy(random_table(kind, 1, model_config, np.random.default_rng(0))))
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(torch.zeros(1, c, h, w), torch.full((1,), 0.5), cond)
+    return float(counter.get_total_flops())
+
+
 def bench_largest_batch(family: str, preset: str | None = None, *, framework: str = "mlx", start: int = 8,
                         limit: int = 1024, on_try: Callable[[int, dict | None], None] | None = None,
                         **kw) -> dict:
@@ -415,6 +443,47 @@ def bench_largest_batch(family: str, preset: str | None = None, *, framework: st
         raise MlxflowError(f"not even a batch of {start} fits in memory for {family}/{preset or 'default'}")
     best["tried"] = tried
     return best
+
+
+def bench_trainer(family: str, preset: str | None = None, batch_size: int = 32, steps: int = 10, *,
+                  framework: str = "mlx", device: str | None = None, warmup: int = 3, bf16: bool = False,
+                  data=None) -> dict:
+    """The whole trainer's throughput (data pipeline, condition lookup, step, EMA, host syncs,
+    logging) on `data` (a dataset folder or latent cache) or, for pixel families, random
+    images: img/s as the trainer reports it, median over the steps after `warmup`."""
+    import tempfile
+
+    from .conditioning import kind_of, random_table
+    from .data.dataset import ImageTextDataset
+    from .families import get_family
+
+    fam = get_family(family)
+    mcfg = fam.model_config(preset)
+    tcfg = fam.train_config(preset, steps=warmup + steps, batch_size=batch_size, grad_accum=1, ckpt_every=0,
+                            sample_every=0, eval_every=0, bf16=bf16, max_samples=0)
+    embeddings = None
+    if data is None:
+        if fam.get_codec().needs_cache:
+            raise MlxflowError(f"the {family} trainer reads a latent cache: pass --data CACHE to time it")
+        rng = np.random.default_rng(0)
+        n = batch_size * 4
+        h, w, c = fam.network_shape(mcfg)
+        images = rng.integers(0, 256, (n, h, w, c), dtype=np.uint8)
+        data = ImageTextDataset(Path("random"), images, ["x"] * n, {"kind": "emoji"})
+        embeddings = random_table(kind_of(fam, mcfg), n, mcfg, rng)
+    speeds: list[float] = []
+    with tempfile.TemporaryDirectory() as run:
+        kw = dict(family=family, embeddings=embeddings, on_step=lambda info: speeds.append(info.img_per_s),
+                  on_message=lambda msg: None)
+        if framework == "mlx":
+            from .train import train
+
+            train(run, data, mcfg, tcfg, **kw)
+        else:
+            from .train_torch import train_torch
+
+            train_torch(run, data, mcfg, tcfg, device=device, **kw)
+    return {"trainer_img_per_s": float(np.median(speeds[warmup:])) if len(speeds) > warmup else float("nan")}
 
 
 def _free_memory(framework: str) -> None:
@@ -449,7 +518,7 @@ def bench(family: str, preset: str | None = None, batch_size: int = 32, steps: i
     else:
         raise MlxflowError(f"unknown framework '{framework}' (known: mlx, torch)")
     row.setdefault("batch_size", batch_size)
-    row["fwd_flops_per_image"] = fam.flops_per_image(mcfg) if fam.flops_per_image else None
+    row["fwd_flops_per_image"] = fam.flops_per_image(mcfg) if fam.flops_per_image else counted_flops_per_image(fam, mcfg)
     row["mfu"], row["mfu_peak"] = None, "MFU only on CUDA"
     if row["fwd_flops_per_image"] and str(row["device"]).startswith("cuda"):
         import torch

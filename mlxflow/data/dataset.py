@@ -85,6 +85,20 @@ def write_dataset_folder(
     return out_dir
 
 
+def subset_dataset_folder(src_dir, out_dir, captions: list[str], overwrite: bool = False) -> Path:
+    """A dataset folder holding only the samples of `src_dir` with these captions (in this
+    order; the first sample of each caption): e.g. the dozen emoji a demo shows."""
+    src = ImageTextDataset.load(src_dir)
+    first = {c: i for i, c in reversed(list(enumerate(src.captions)))}
+    missing = [c for c in captions if c not in first]
+    if missing:
+        raise MlxflowError(f"not captions of {src.path}: {', '.join(missing)}")
+    rows = [first[c] for c in captions]
+    raw = json.loads((src.path / CAPTIONS).read_text(encoding="utf-8"))
+    meta = {**src.meta, "count": len(rows), "subset_of": str(src.path), "mlxflow_version": mlxflow_version()}
+    return write_dataset_folder(out_dir, src.images[rows], [raw[i] for i in rows], meta, overwrite=overwrite)
+
+
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}.npy")
     np.save(tmp, array)
