@@ -68,7 +68,7 @@ def cmd_data(args) -> int:
 
     if args.source == "latents":
         return cmd_latents(args)
-    encoder = None if args.no_embed else (args.text_encoder or "minilm")
+    encoder = None if args.no_embed else (args.text_encoder or api.DEFAULT_TEXT_ENCODER)
     with _bar() as progress:
         render, embed = _progress_callback(progress, "render"), _progress_callback(progress, f"embed ({encoder})")
         if args.source == "emoji":
@@ -350,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--unconditional", action="store_true", help="(folder) no captions: every image, no text")
     d.add_argument("--limit", type=int, help="only the first N emoji")
     d.add_argument("--no-skin-tones", action="store_true", help="(emoji) leave out the skin-tone variants")
-    d.add_argument("--text-encoder", help="minilm | minilm:DIR | clip | clip:WEIGHTS (latents: t5 | t5:DIR)")
+    d.add_argument("--text-encoder", help="minilm-tokens (default) | minilm | minilm:DIR | minilm-tokens:DIR | clip | "
+                                          "clip:WEIGHTS (latents: t5 | t5:DIR)")
     d.add_argument("--src", help="(latents) WebDataset tar shards (file, folder or glob), an image folder "
                                  "with captions, or a dataset folder")
     d.add_argument("--vae", default="sd-vae", help="(latents) sd-vae (hub cache / hub) or sd-vae:DIR")
@@ -368,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--preset", help="named preset of the family (default: the family's default)")
     t.add_argument("--steps", type=int)
     t.add_argument("--resume", help="latest | PATH")
-    t.add_argument("--text-encoder", default="minilm")
+    t.add_argument("--text-encoder", help="frozen text encoder spec (default: the family's: emoji minilm-tokens, "
+                                          "jit minilm; dit reads its latent cache's)")
     t.add_argument("--batch-size", type=int)
     t.add_argument("--lr", type=float)
     t.add_argument("--grad-accum", type=int)

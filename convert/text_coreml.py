@@ -6,11 +6,16 @@ The exported ML Program (fixed sequence length T, batch 1; the app tokenises):
     attention_mask (1, T) int32   1 for real tokens (incl. [CLS]/[SEP]), 0 for padding
     embedding      (1, D) float32 mean-pooled (over mask) and L2-normalised sentence embedding
 
-The denoiser's ``text`` input is this embedding as (B, 1, D). Next to the package go
+The denoiser's ``text`` input is this embedding as (B, 1, D). A per-token encoder
+(``minilm-tokens``, ``minilm-tokens:DIR``) exports its last hidden states instead,
+
+    embedding      (1, T, D) float32 per-token states, padding rows exactly 0
+
+which is the denoiser's ``text`` input as is (T = the encoder's token count). Next to the package go
 ``vocab.txt`` (one WordPiece token per line, line number = id) and ``text_encoder.json``
 (tokenisation rules, I/O names, seq_len, spec), enough to reimplement the tokenizer in Swift.
 
-Only BERT-family encoders (``minilm``, ``minilm:DIR``) export; any other spec (CLIP) is
+Only BERT-family encoders (``minilm[-tokens]``, ``minilm[-tokens]:DIR``) export; any other spec (CLIP) is
 skipped, not an error: the app then uses the label table from convert/coreml.py.
 
 Before anything is written the package is run (``MLModel.predict`` on macOS, the numpy MIL
@@ -39,6 +44,7 @@ __all__ = [
     "export_text_encoder",
     "verify_text_encoder",
     "exportable",
+    "per_token",
 ]
 
 PACKAGE_NAME = "TextEncoder.mlpackage"
@@ -57,10 +63,19 @@ VERIFY_PROMPTS = (
 _PRECISIONS = ("fp16", "fp32")
 
 
+_BERT_ENCODERS = ("minilm", "minilm-tokens")
+
+
 def exportable(spec) -> bool:
-    """True for specs this module can export (``minilm``, ``minilm:DIR``)."""
+    """True for specs this module can export (``minilm``, ``minilm:DIR``, ``minilm-tokens[:DIR]``)."""
     s = _spec_string(spec)
-    return s is not None and (s == "minilm" or s.startswith("minilm:"))
+    return s is not None and s.partition(":")[0] in _BERT_ENCODERS
+
+
+def per_token(spec) -> bool:
+    """True for a spec whose encoder outputs per-token states (``minilm-tokens[:DIR]``)."""
+    s = _spec_string(spec)
+    return s is not None and s.partition(":")[0] == "minilm-tokens"
 
 
 def _spec_string(spec) -> str | None:
@@ -72,8 +87,11 @@ def _spec_string(spec) -> str | None:
 # ----------------------------------------------------------------------------- torch wrapper
 
 
-def _export_module(twin):
-    """Wrap the torch twin for tracing: Core ML passes int32 token ids, nn.Embedding wants int64."""
+def _export_module(twin, tokens: bool = False):
+    """Wrap the torch twin for tracing: Core ML passes int32 token ids, nn.Embedding wants int64.
+
+    tokens: output the per-token states (1, T, D), padding rows 0, instead of the pooled (1, D).
+    """
     import torch
     import torch.nn as nn
 
@@ -83,17 +101,19 @@ def _export_module(twin):
             self.bert = bert
 
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            if tokens:
+                return self.bert.token_states(input_ids.long(), attention_mask)
             return self.bert(input_ids.long(), attention_mask)
 
     return TextEncoderForExport(twin).eval()
 
 
-def _convert(twin, *, seq_len: int, precision: str):
+def _convert(twin, *, seq_len: int, precision: str, tokens: bool = False):
     """Trace + convert in memory; returns the MLModel."""
     ct = _require_coremltools()
     import torch
 
-    module = _export_module(twin)
+    module = _export_module(twin, tokens)
     example = (torch.zeros(1, seq_len, dtype=torch.int32), torch.ones(1, seq_len, dtype=torch.int32))
     with torch.no_grad():
         try:
@@ -208,7 +228,8 @@ def verify_text_encoder(package, spec, *, seq_len: int | None = None, prompts: S
                         backend: str | None = None) -> dict:
     """Run an exported text encoder on tokenised prompts and compare with the MLX encoder.
 
-    package: a ``TextEncoder.mlpackage``; spec: the ``minilm``/``minilm:DIR`` spec it came from.
+    package: a ``TextEncoder.mlpackage``; spec: the ``minilm[-tokens]``/``minilm[-tokens]:DIR`` spec
+    it came from (a per-token package is compared row by row, padding rows included).
     seq_len: default read from the package metadata. Prompts longer than seq_len tokens
     are left out (the MLX encoder would see tokens the package cannot).
     Returns {"psnr", "min_cosine", "max_abs_err", "n_prompts", "backend"}.
@@ -252,7 +273,8 @@ def verify_text_encoder(package, spec, *, seq_len: int | None = None, prompts: S
 # ----------------------------------------------------------------------------- export
 
 
-def _describe(mlmodel, *, spec: str, seq_len: int, dim: int, precision: str, pooling: str, normalized: bool) -> None:
+def _describe(mlmodel, *, spec: str, seq_len: int, dim: int, precision: str, pooling: str, normalized: bool,
+              tokens: bool = False) -> None:
     import coremltools as ct
 
     meta = mlmodel.user_defined_metadata
@@ -266,24 +288,35 @@ def _describe(mlmodel, *, spec: str, seq_len: int, dim: int, precision: str, poo
     meta["mlxflow.deployment_target"] = "iOS17"
     meta["mlxflow.coremltools"] = ct.__version__
     meta["mlxflow.tokenizer"] = f"WordPiece, {VOCAB_NAME}, rules in {CONFIG_NAME}"
+    meta["mlxflow.output"] = "token_states" if tokens else "pooled"
     pooled = f"{pooling}-pooled" + (", L2-normalised" if normalized else "")
-    mlmodel.short_description = (
-        f"mlxflow text encoder ({spec}, {precision}): WordPiece ids -> {pooled} sentence embedding ({dim}), "
-        f"the denoiser's text input as (B,1,{dim})."
-    )
+    if tokens:
+        mlmodel.short_description = (
+            f"mlxflow text encoder ({spec}, {precision}): WordPiece ids -> per-token last hidden states "
+            f"({seq_len}x{dim}, padding rows 0), the denoiser's text input as is.")
+    else:
+        mlmodel.short_description = (
+            f"mlxflow text encoder ({spec}, {precision}): WordPiece ids -> {pooled} sentence embedding ({dim}), "
+            f"the denoiser's text input as (B,1,{dim})."
+        )
     mlmodel.input_description["input_ids"] = (
         f"(1,{seq_len}) int32 WordPiece ids from {VOCAB_NAME}: [CLS] ... [SEP], right-padded with [PAD]=0")
     mlmodel.input_description["attention_mask"] = f"(1,{seq_len}) int32: 1 for tokens incl. [CLS]/[SEP], 0 for padding"
-    mlmodel.output_description[OUTPUT_NAME] = f"(1,{dim}) float32 {pooled} sentence embedding"
+    mlmodel.output_description[OUTPUT_NAME] = (
+        f"(1,{seq_len},{dim}) float32 per-token states, rows of padding exactly 0" if tokens
+        else f"(1,{dim}) float32 {pooled} sentence embedding")
 
 
-def export_text_encoder(spec, out_dir, *, precision: str = "fp16", seq_len: int = 32,
+def export_text_encoder(spec, out_dir, *, precision: str = "fp16", seq_len: int | None = None,
                         min_psnr: float = 35.0, backend: str | None = None) -> str:
     """Export a MiniLM/BERT text encoder to ``out_dir``/TextEncoder.mlpackage (+ vocab.txt, text_encoder.json).
 
-    spec: ``minilm`` or ``minilm:DIR`` (or a loaded encoder with ``.spec``); anything else
-        (``clip``...) is skipped and the returned string says why; out_dir is not touched.
-    precision: "fp16" (fp16 compute, fp32 output) or "fp32". seq_len: the fixed token count T.
+    spec: ``minilm``, ``minilm:DIR``, ``minilm-tokens`` or ``minilm-tokens:DIR`` (or a loaded
+        encoder with ``.spec``); anything else (``clip``...) is skipped and the returned
+        string says why; out_dir is not touched.
+    precision: "fp16" (fp16 compute, fp32 output) or "fp32". seq_len: the fixed token count T
+        (default 32 for a pooled encoder; a per-token encoder exports at its own token count,
+        the L its denoiser was trained on, and refuses another).
     The package is verified against the MLX encoder before anything lands in out_dir;
     PSNR below ``min_psnr`` dB raises MlxflowError and writes nothing.
     Returns a one-line summary, e.g.
@@ -293,18 +326,26 @@ def export_text_encoder(spec, out_dir, *, precision: str = "fp16", seq_len: int 
     if s is None:
         return "skipped: the checkpoint names no text encoder; the app uses the label table"
     if not exportable(s):
-        return (f"skipped: text encoder {s!r} has no Core ML export (only minilm / minilm:DIR); "
+        return (f"skipped: text encoder {s!r} has no Core ML export (only minilm[-tokens] / minilm[-tokens]:DIR); "
                 "the app uses the label table")
     if precision not in _PRECISIONS:
         raise MlxflowError(f"unknown precision {precision!r}; choose fp16 or fp32")
-    if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len < 3:
+    tokens = per_token(s)
+    if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer))
+                                or seq_len < 3):
         raise MlxflowError(f"seq_len must be an integer >= 3 ([CLS] + token + [SEP]), got {seq_len!r}")
-    seq_len = int(seq_len)
     _require_coremltools()
     from mlxflow.models.text import load_text_encoder
     from mlxflow.torch_ref.text import load_bert_encoder
 
     encoder = load_text_encoder(s)
+    if tokens:
+        # The denoiser's text input has the encoder's fixed L; another T would not fit it.
+        if seq_len is not None and int(seq_len) != encoder.tokens:
+            raise MlxflowError(f"text encoder {s!r} gives {encoder.tokens} token states; "
+                               f"it exports with seq_len {encoder.tokens}, not {seq_len}")
+        seq_len = encoder.tokens
+    seq_len = 32 if seq_len is None else int(seq_len)
     folder = Path(encoder.folder)
     twin = load_bert_encoder(folder)
     max_pos = twin.embeddings.position.num_embeddings
@@ -323,9 +364,9 @@ def export_text_encoder(spec, out_dir, *, precision: str = "fp16", seq_len: int 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise MlxflowError(f"export folder {out_dir} is a file")
-    mlmodel = _convert(twin, seq_len=seq_len, precision=precision)
+    mlmodel = _convert(twin, seq_len=seq_len, precision=precision, tokens=tokens)
     _describe(mlmodel, spec=s, seq_len=seq_len, dim=dim, precision=precision, pooling=twin.pooling,
-              normalized=bool(twin.normalize))
+              normalized=bool(twin.normalize), tokens=tokens)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".text_encoder.", dir=out_dir.parent))
@@ -350,9 +391,12 @@ def export_text_encoder(spec, out_dir, *, precision: str = "fp16", seq_len: int 
                 "input_ids": {"shape": [1, seq_len], "dtype": "int32"},
                 "attention_mask": {"shape": [1, seq_len], "dtype": "int32"},
             },
-            "output": {"name": OUTPUT_NAME, "shape": [1, dim], "dtype": "float32",
-                       "pooling": twin.pooling, "l2_normalized": bool(twin.normalize),
-                       "use": f"the denoiser's text input as (B, 1, {dim})"},
+            "output": ({"name": OUTPUT_NAME, "shape": [1, seq_len, dim], "dtype": "float32",
+                        "pooling": "none", "padding_rows": "exactly 0",
+                        "use": f"the denoiser's text input as is: (B, {seq_len}, {dim})"} if tokens else
+                       {"name": OUTPUT_NAME, "shape": [1, dim], "dtype": "float32",
+                        "pooling": twin.pooling, "l2_normalized": bool(twin.normalize),
+                        "use": f"the denoiser's text input as (B, 1, {dim})"}),
             "tokenizer": _tokenizer_rules(folder, tok, seq_len),
             "precision": precision,
             "deployment_target": "iOS17",

@@ -15,7 +15,8 @@ import numpy as np
 
 from .errors import MlxflowError
 
-DEFAULT_TEXT_ENCODER = "minilm"
+# Per-token MiniLM states: what the emoji family's cross-attention reads (families.Family.text_encoder).
+DEFAULT_TEXT_ENCODER = "minilm-tokens"
 
 
 def build_emoji_data(out_dir, size: int = 64, font=None, limit: int | None = None, overwrite: bool = False,
@@ -121,7 +122,7 @@ def grid_conditions(plan, picks: np.ndarray) -> np.ndarray:
 
 
 def train_model(family: str, data_dir, out_dir, *, preset: str | None = None, steps: int | None = None,
-                resume: str | None = None, text_encoder: str = DEFAULT_TEXT_ENCODER, model_overrides: dict | None = None,
+                resume: str | None = None, text_encoder: str | None = None, model_overrides: dict | None = None,
                 train_overrides: dict | None = None, framework: str = "mlx", device: str | None = None,
                 on_step=None, on_checkpoint=None, on_sample=None, on_message=None, sample_prompts: int = 8):
     """Train `family` on a dataset folder with MLX or torch. Periodic sample grids go to OUT/samples/step-*.png.

@@ -28,8 +28,9 @@ from .errors import MlxflowError
 #   image is held to TRAJ_FACTOR * tol.
 # - the updated weights after one AdamW step: Adam's first step is lr * g / (|g| + eps),
 #   a soft sign of g with slope lr / eps at g = 0. Gradient entries that are ~0 (some are 0
-#   in exact arithmetic: q/k projections of a cross-attention over ONE text token, where
-#   softmax over one key is constant; others are tiny by chance among millions) carry
+#   in exact arithmetic: q/k projections of a cross-attention over one real text token (a
+#   pooled-embedding model), where softmax over one key is constant; the DiT's last-block
+#   text stream, which no output reads; others are tiny by chance among millions) carry
 #   fp32 noise of 1e-10..1e-8 that can flip their sign, so their updates may differ by up
 #   to 2 lr. Entries whose gradient is GRAD_WELL times the largest gradient disagreement
 #   in their tensor are well determined: there the soft sign moves by <= eps*dg/(|g|+eps)^2 <=

@@ -50,6 +50,8 @@ class Family:
     sample_defaults: dict = field(default_factory=lambda: dict(steps=20, solver="heun", cfg=3.0, cfg_interval=None))
     # model config -> forward FLOPs of one image (2 x multiply-adds of its matmuls); None: unknown
     flops_per_image: Callable[[object], float] | None = None
+    # The text encoder a run uses unless told otherwise (mlxflow.models.text spec).
+    text_encoder: str = "minilm"
 
     def __post_init__(self):
         if self.prediction not in PREDICTIONS:
@@ -151,7 +153,7 @@ def _register_builtin() -> None:
         name="emoji", config_class=EmojiConfig, model_presets=EMOJI_PRESETS, train_presets=EMOJI_TRAIN_PRESETS,
         mlx_model="mlxflow.models.emoji:EmojiFlow", torch_model="mlxflow.torch_ref.emoji:EmojiFlow",
         prediction="velocity", codec="pixels", conditioning="text", probe_points=_emoji_probe_points,
-        coreml=True, default_preset="default",
+        coreml=True, default_preset="default", text_encoder="minilm-tokens",
         description="pixel-space U-Net for 64x64 emoji, conditioned on frozen text embeddings"))
 
 

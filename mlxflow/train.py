@@ -195,7 +195,7 @@ class MLXSession:
         return bool(flag)
 
 
-def train(run_dir, dataset, model_config, train_config: TrainConfig, *, family: str, text_encoder: str = "minilm",
+def train(run_dir, dataset, model_config, train_config: TrainConfig, *, family: str, text_encoder: str | None = None,
           resume: str | None = None, embeddings: np.ndarray | None = None,
           on_step: Callable[[StepInfo], None] | None = None, on_checkpoint: Callable | None = None,
           on_sample: Callable[[int, dict, RunPlan], None] | None = None,

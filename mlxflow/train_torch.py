@@ -325,7 +325,7 @@ class TorchSession:
 
 
 def train_torch(run_dir, dataset, model_config, train_config: TrainConfig, *, family: str,
-                text_encoder: str = "minilm", resume: str | None = None, device=None, embeddings=None,
+                text_encoder: str | None = None, resume: str | None = None, device=None, embeddings=None,
                 on_step=None, on_checkpoint=None, on_sample=None, on_message=None, on_eval=None) -> TrainResult:
     """Train `family` with torch on a dataset (folder or ImageTextDataset); same contract as train.train.
 
@@ -433,7 +433,7 @@ def main(argv=None):
     p.add_argument("--fused-adamw", action=argparse.BooleanOptionalAction, help="fused AdamW (default: on with CUDA)")
     p.add_argument("--fused-attention", action=argparse.BooleanOptionalAction,
                    help="bf16 fused SDPA (flash) attention (default: on with CUDA + bf16)")
-    p.add_argument("--text-encoder", default="minilm")
+    p.add_argument("--text-encoder", help="(default: the family's)")
     p.add_argument("--embeddings", help="precomputed float32 (N, L, D) caption embeddings (.npy)")
     p.add_argument("--resume", help="'latest' or a checkpoint folder")
     p.add_argument("--device")

@@ -88,7 +88,7 @@ class TrainResult:
 
 
 def prepare_run(run_dir, family: str, dataset, model_config, train_config: TrainConfig, *,
-                text_encoder: str = "minilm", resume: str | None = None,
+                text_encoder: str | None = None, resume: str | None = None,
                 embeddings: np.ndarray | None = None) -> RunPlan:
     """Apply the resume rules and check that data, embeddings and model fit together.
 
@@ -101,6 +101,7 @@ def prepare_run(run_dir, family: str, dataset, model_config, train_config: Train
 
     run_dir = Path(run_dir)
     fam = get_family(family)
+    text_encoder = text_encoder or fam.text_encoder
     notes: list[str] = []
     ckpt = None
     existing, broken = list_checkpoints(run_dir, with_broken=True)

@@ -206,6 +206,58 @@ def test_palettized8_evaluates_and_gate_rejects_wrong_model(model, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pal8.mlpackage"]
 
 
+# ----------------------------------------------------------------------------- the real denoiser, padded text
+
+
+@pytest.fixture(scope="module")
+def masked_emoji(tmp_path_factory):
+    """The emoji twin with text_mask (one level, so conversion stays quick), exported fp16 and verified."""
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from conftest import micro_emoji_config
+
+    from mlxflow.torch_ref.emoji import EmojiFlow
+
+    cfg = micro_emoji_config(channels=(16,), image_size=8, self_attn_levels=(), cross_attn_levels=(),
+                             text_tokens=4, text_mask=True)
+    torch.manual_seed(0)
+    model = EmojiFlow(cfg).eval()
+    with torch.no_grad():  # non-trivial biases, so a fully masked attention would visibly leak
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    out = tmp_path_factory.mktemp("coreml") / "emoji_masked.mlpackage"
+    report = coreml.export_and_verify(model, out_path=out, image_size=8, text_tokens=4, text_dim=8,
+                                      precision="fp16", batch_sizes=(1, 3), n_steps=4)
+    return model, report
+
+
+def test_masked_denoiser_export_matches_torch_on_padded_text(masked_emoji):
+    model, report = masked_emoji
+    # verify_denoiser fed padded texts (L=4 > 1) and an all-zero text; the fp16 gate held.
+    assert report["denoiser_psnr"] >= 35 and report["trajectory_psnr"] >= 35, report
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 3, 8, 8)).astype(np.float32)
+    t = np.array([0.2, 0.5, 0.8], np.float32)
+    text = rng.standard_normal((3, 4, 8)).astype(np.float32)
+    text[0, 2:] = 0.0  # two real tokens
+    text[1, 1:] = 0.0  # one
+    text[2] = 0.0  # dropped condition
+    got = evaluate_program(report["path"], {"x_t": x, "t": t, "text": text})["velocity"]
+    ref = _torch_out(model, x, t, text)
+    assert np.isfinite(got).all() and np.abs(got - ref).max() < 2e-2 * np.abs(ref).max()
+    # The mask is derived inside the program: the 4-row padded input means what 2 rows mean
+    # to torch, and the all-zero row what a model without cross-attention computes.
+    short = _torch_out(model, x[:1], t[:1], text[:1, :2])
+    assert np.abs(got[:1] - short).max() < 2e-2 * np.abs(short).max()
+    # Tight enough to catch a lost mask: the same weights reading the zero rows as tokens differ far more.
+    import dataclasses
+
+    from mlxflow.torch_ref.emoji import EmojiFlow
+
+    unmasked = EmojiFlow(dataclasses.replace(model.config, text_mask=False)).eval()
+    unmasked.load_state_dict(model.state_dict())
+    assert np.abs(_torch_out(unmasked, x[:1], t[:1], text[:1]) - short).max() > 10 * np.abs(got[:1] - short).max()
+
+
 def test_metadata_saved(fp32_package):
     import coremltools as ct
 

@@ -113,3 +113,70 @@ def test_optimizer_mismatch_is_caught(ckpt, monkeypatch, sabotage):
     report = crosscheck_models(mlx_model, torch_model, c.model_config, train_config=c.train_config, steps=0)
     assert not report.row("AdamW step, same gradients").passed
     assert report.row("train gradients (all params)").passed
+
+
+# --- token-level text (text_mask): padded keys, dropped conditions, live q/k gradients --------
+
+
+@pytest.fixture(scope="module")
+def masked_ckpt(tmp_path_factory):
+    cfg = micro_emoji_config(text_tokens=3, text_mask=True)
+    mx.random.seed(1)
+    rng = np.random.default_rng(1)
+    weights = {k: (np.array(v) * (1 + 0.5 * rng.standard_normal(v.shape)) + 0.05 * rng.standard_normal(v.shape))
+               .astype(np.float32) for k, v in tree_flatten(MlxEmojiFlow(cfg).parameters())}
+    return save_checkpoint(tmp_path_factory.mktemp("xcm") / "run", 10, family="emoji", model_config=cfg,
+                           train_config=TrainConfig(lr=2e-3, grad_clip=0.5), text_encoder="test", weights=weights)
+
+
+def test_masked_text_crosscheck_passes(masked_ckpt):
+    """Forward, trajectory (CFG: an all-zero text each step) and train step (its last sample is a
+    dropped, all-zero condition) agree between the twins with the mask on."""
+    mlx_model, c = load_mlx_model(masked_ckpt)
+    assert c.model_config.text_mask is True
+    torch_model, _ = load_torch_model(c)
+    report = crosscheck_models(mlx_model, torch_model, c.model_config, train_config=c.train_config, batch=3, **{
+        k: v for k, v in FAST.items() if k != "batch"})
+    assert report.passed, [(r.name, r.max_abs, r.rel_err, r.limit) for r in report.rows if not r.passed]
+    assert report.row("train gradients (all params)").rel_err <= 1e-4
+
+
+def _cross_attn_grads(model, text, framework="mlx"):
+    """|grad| of the mid block's first cross-attention q/k projection weights for one flow-matching loss."""
+    rng = np.random.default_rng(5)
+    b = text.shape[0]
+    x1 = np.tanh(rng.standard_normal((b, 16, 16, 3))).astype(np.float32)
+    x0 = rng.standard_normal((b, 16, 16, 3)).astype(np.float32)
+    t = rng.uniform(0.1, 0.9, b).astype(np.float32)
+    if framework == "mlx":
+        import mlx.nn as nn
+
+        from mlxflow.train import flow_matching_loss
+
+        loss_and_grad = nn.value_and_grad(model, lambda *a: flow_matching_loss(model, *a, "velocity"))
+        _, g = loss_and_grad(mx.array(x1), mx.array(x0), mx.array(t), mx.array(text))
+        g = g["mid"]["cross_attn"][0]["attn"]
+        return float(mx.abs(g["q_proj"]["weight"]).max()), float(mx.abs(g["k_proj"]["weight"]).max())
+    from mlxflow.train_torch import flow_matching_loss
+
+    model.zero_grad(set_to_none=True)
+    nchw = lambda a: torch.from_numpy(a.transpose(0, 3, 1, 2).copy())  # noqa: E731
+    flow_matching_loss(model, nchw(x1), nchw(x0), torch.from_numpy(t), torch.from_numpy(text), "velocity").backward()
+    attn = model.mid.cross_attn[0].attn
+    return float(attn.q_proj.weight.grad.abs().max()), float(attn.k_proj.weight.grad.abs().max())
+
+
+def test_cross_attention_learns_from_several_real_tokens(masked_ckpt):
+    """Over one key softmax is constant, so q/k get no gradient (the pooled-vector setup); over
+    several real tokens they do. Padding keys count as absent: one real token + padding is
+    again the dead case."""
+    mlx_model, c = load_mlx_model(masked_ckpt)
+    torch_model, _ = load_torch_model(c)
+    text = np.random.default_rng(6).standard_normal((2, 3, 8)).astype(np.float32)
+    one = text.copy()
+    one[:, 1:] = 0.0
+    for model, fw in ((mlx_model, "mlx"), (torch_model, "torch")):
+        q, k = _cross_attn_grads(model, text, fw)
+        q1, k1 = _cross_attn_grads(model, one, fw)
+        assert q > 1e-4 and k > 1e-4, (fw, q, k)
+        assert q1 <= 1e-6 * q and k1 <= 1e-6 * k, (fw, q1, k1)

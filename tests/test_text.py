@@ -204,3 +204,65 @@ def test_minilm_matches_independent_numpy_bert(tmp_path):
     ref = _numpy_bert(folder, ids, mask.astype(bool))
     # Measured: 6e-8 here; tanh-GELU gives 5e-5, eps 1e-12 gives 5e-3, no mask 3e-2.
     assert np.abs(enc.encode(texts)[:, 0] - ref).max() < 1e-6
+
+
+# --- minilm-tokens: per-token states, padding rows exactly 0 ---------------------------------
+
+
+@needs_minilm
+def test_minilm_tokens_pool_to_the_minilm_embedding():
+    from mlxflow.models.text import ENCODERS, MINILM_TOKENS
+
+    pooled_enc, enc = load_text_encoder("minilm"), load_text_encoder("minilm-tokens")
+    assert (enc.spec, enc.id, enc.tokens, enc.dim) == ("minilm-tokens", "minilm-tokens", MINILM_TOKENS, 384)
+    assert (ENCODERS["minilm-tokens"].tokens, ENCODERS["minilm-tokens"].dim) == (MINILM_TOKENS, 384)
+    texts = ["red heart", "grinning face", "thumbs up: medium-dark skin tone", "flag: Japan"]
+    states = enc.encode(texts)
+    assert states.shape == (4, MINILM_TOKENS, 384) and states.dtype == np.float32
+    _, mask = enc.tokenize(texts)
+    keep = np.any(states != 0, axis=-1)
+    assert np.array_equal(keep, mask.astype(bool))  # real tokens non-zero, padding rows exactly 0
+    assert keep.sum(1).tolist() == [4, 4, 10, 5]  # [CLS] ... [SEP]
+    mean = states.sum(1) / keep.sum(1, keepdims=True)
+    pooled = mean / np.linalg.norm(mean, axis=1, keepdims=True)
+    assert np.abs(pooled - pooled_enc.encode(texts)[:, 0]).max() < 1e-5
+    # Fixed length whatever the batch: a caption alone and in a batch encode the same.
+    assert enc.encode(["red heart"]).shape == (1, MINILM_TOKENS, 384)
+    assert np.abs(enc.encode(["red heart"])[0] - states[0]).max() < 1e-5
+    assert enc.encode([]).shape == (0, MINILM_TOKENS, 384)
+
+
+@needs_minilm
+def test_minilm_tokens_length_covers_99_percent_of_emoji_captions():
+    pytest.importorskip("emoji", reason="the emoji package names the captions")
+    from tokenizers import Tokenizer
+
+    from mlxflow.data.emoji import list_emoji
+    from mlxflow.models.text import MINILM_TOKENS
+
+    tok = Tokenizer.from_file(str(default_minilm_folder() / "tokenizer.json"))
+    tok.no_padding()
+    tok.no_truncation()
+    lengths = np.array([len(e.ids) for e in tok.encode_batch([label for _, label in list_emoji()])])
+    assert (lengths <= MINILM_TOKENS).mean() >= 0.99 > (lengths <= MINILM_TOKENS - 1).mean()
+
+
+@needs_minilm
+def test_minilm_tokens_folder_spec_matches_torch_twin(tmp_path):
+    from mlxflow.torch_ref.text import load_bert_encoder
+
+    folder = _tiny_hf_folder(tmp_path, default_minilm_folder())
+    enc = load_text_encoder(f"minilm-tokens:{folder}")
+    assert enc.spec == f"minilm-tokens:{folder}" and enc.id.startswith("minilm-tokens-") and enc.dim == 32
+    texts = ["one", "two words", "three little words"]
+    ids, mask = enc.tokenize(texts)
+    assert ids.shape == (3, enc.tokens) and (mask == 0).any()
+    twin = load_bert_encoder(folder)
+    with torch.no_grad():
+        ref = twin.token_states(torch.from_numpy(ids).long(), torch.from_numpy(mask)).numpy()
+        pooled = twin(torch.from_numpy(ids).long(), torch.from_numpy(mask)).numpy()
+    states = enc.encode(texts)
+    assert np.abs(states - ref).max() < 1e-5
+    assert np.array_equal(ref == 0, np.broadcast_to((mask == 0)[..., None], ref.shape))
+    mean = states.sum(1) / mask.sum(1, keepdims=True)
+    assert np.abs(mean / np.linalg.norm(mean, axis=1, keepdims=True) - pooled).max() < 1e-5

@@ -104,3 +104,37 @@ def test_predict_backend_refused_off_macos(exported_fp32, tiny_spec):
     with pytest.raises(MlxflowError, match="Core ML predict runs only on macOS"):
         verify_text_encoder(out / "TextEncoder.mlpackage", tiny_spec, backend="coreml-predict")
     assert np.isfinite(verify_text_encoder(out / "TextEncoder.mlpackage", tiny_spec)["psnr"])
+
+
+# --- per-token encoder (minilm-tokens): states out, padding rows exactly 0 --------------------
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_token_states_export(tiny_spec, tmp_path, precision):
+    from convert.mil_eval import evaluate_program, load_program
+    from convert.text_coreml import exportable, per_token
+    from mlxflow.models.text import MINILM_TOKENS, load_text_encoder
+
+    spec = tiny_spec.replace("minilm:", "minilm-tokens:", 1)
+    assert exportable(spec) and per_token(spec) and not per_token(tiny_spec)
+    summary = export_text_encoder(spec, tmp_path / "out", precision=precision)  # seq_len = the encoder's
+    assert summary.startswith(f"TextEncoder.mlpackage ({precision}, seq_len {MINILM_TOKENS},")
+    doc = json.loads((tmp_path / "out" / "text_encoder.json").read_text())
+    assert doc["spec"] == spec and doc["seq_len"] == MINILM_TOKENS
+    assert doc["output"]["shape"] == [1, MINILM_TOKENS, 32] and doc["output"]["pooling"] == "none"
+    assert doc["verification"]["psnr"] >= (60.0 if precision == "fp32" else 35.0)
+    # What the app feeds the denoiser: the package's rows for one padded prompt, padding exactly 0.
+    enc = load_text_encoder(spec)
+    ids, mask = enc.tokenize(["grinning face"])
+    out = evaluate_program(load_program(tmp_path / "out" / "TextEncoder.mlpackage"),
+                           {"input_ids": ids, "attention_mask": mask})["embedding"]
+    assert out.shape == (1, MINILM_TOKENS, 32)
+    assert np.array_equal(np.any(out != 0, axis=-1), mask.astype(bool))
+    assert np.abs(out - enc.encode(["grinning face"])).max() < (1e-4 if precision == "fp32" else 2e-2)
+
+
+def test_token_states_export_refuses_another_length(tiny_spec, tmp_path):
+    spec = tiny_spec.replace("minilm:", "minilm-tokens:", 1)
+    with pytest.raises(MlxflowError, match=r"exports with seq_len 15, not 16"):
+        export_text_encoder(spec, tmp_path / "out", seq_len=16)
+    assert not (tmp_path / "out").exists()

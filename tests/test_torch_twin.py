@@ -139,6 +139,38 @@ def test_torch_twin_traces_and_runs_on_default_device():
 
 
 
+def _padded(text, real):
+    """Zero the rows of sample i from real[i] on: padding, as a per-token encoder writes it."""
+    text = text.copy()
+    for i, n in enumerate(real):
+        text[i, n:] = 0.0
+    return text
+
+
+def test_forward_parity_with_padded_text():
+    """text_mask: MLX and torch agree on padded text, a one-token text and a dropped (all-zero) one."""
+    cfg = micro_emoji_config(text_tokens=5, text_mask=True)
+    mlx_model, weights = random_mlx_model(cfg, seed=2)
+    torch_model = twin_of(cfg, weights)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((4, 16, 16, 3)).astype(np.float32)
+    t = rng.uniform(size=4).astype(np.float32)
+    text = _padded(rng.standard_normal((4, 5, 8)).astype(np.float32), (5, 3, 1, 0))
+    out_m = np.array(mlx_model(mx.array(x), mx.array(t), mx.array(text)))
+    with torch.no_grad():
+        out_t = torch_model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(t),
+                            torch.from_numpy(text)).numpy().transpose(0, 2, 3, 1)
+    assert np.abs(out_t).max() > 0.1
+    assert np.abs(out_m - out_t).max() <= 1e-5
+    # The mask is computed in the graph, not baked in at trace time: a trace made with no
+    # padding runs a padded batch exactly as eager torch does (what the Core ML export relies on).
+    xt, tt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(t)
+    with torch.no_grad():
+        traced = torch.jit.trace(torch_model, (xt, tt, torch.ones(4, 5, 8)), check_trace=False)
+        torch.testing.assert_close(traced(xt, tt, torch.from_numpy(text)), torch.from_numpy(out_t.transpose(0, 3, 1, 2)),
+                                   rtol=0, atol=1e-6)
+
+
 def test_default_device_prefers_cuda_then_mps(monkeypatch):
     mps = torch.backends.mps
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
