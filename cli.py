@@ -142,6 +142,8 @@ def cmd_sample(args) -> int:
     solver = args.solver or defaults["solver"]
     cfg = args.cfg if args.cfg is not None else defaults["cfg"]
     interval = tuple(args.cfg_interval) if args.cfg_interval else defaults["cfg_interval"]
+    if args.shift is None:
+        args.shift = api.default_shift(defaults, solver)
     prompts = list(args.prompts) + [str(c) for c in (args.classes or [])]
     tic = time.perf_counter()
     with _bar() as progress:
@@ -178,6 +180,32 @@ def cmd_fid(args) -> int:
     out.print(f"FID {r['fid']:.2f}  ({r['n']} samples vs the first {r['n']} training images; {r['solver']}, "
               f"{r['steps']} steps, shift {r['shift']:g}, CFG {r['cfg']:g}, seed {r['seed']}; step {r['step']}; "
               f"{r['network']})")
+    return 0
+
+
+def cmd_solvers(args) -> int:
+    from mlxflow import api
+
+    schedules = []
+    for spec in args.schedule:
+        parts = spec.split(":")
+        try:
+            schedules.append((parts[0], int(parts[1]), float(parts[2]) if len(parts) > 2 else 1.0))
+        except (IndexError, ValueError):
+            raise SystemExit(f"--schedule wants SOLVER:STEPS[:SHIFT], got '{spec}'") from None
+    table = Table(title="solver schedules against a fine reference solve (same noise)")
+    for col in ("solver", "steps", "shift", "NFE", "RMSE vs reference", "fidelity"):
+        table.add_column(col)
+    with console.status("sampling...") as status:
+        rows = api.solver_comparison(args.ckpt, args.prompts, schedules, n=args.n, seed=args.seed, cfg_scale=args.cfg,
+                                     data_dir=args.data,
+                                     on_done=lambda r: status.update(f"{r['solver']} {r['steps']} done"))
+    for r in rows:
+        table.add_row(r["solver"], str(r["steps"]), f"{r['shift']:g}", str(r["nfe"]), f"{r['rmse']:.4f}",
+                      f"{r['fidelity']:.3f}" if "fidelity" in r else "-")
+    table.caption = (f"reference: rk4 50 steps (200 NFE); {args.n} samples for each of {len(args.prompts)} prompts, "
+                     f"seed {args.seed}; RMSE of images in [0, 1]; NFE per CFG batch")
+    out.print(table)
     return 0
 
 
@@ -253,6 +281,8 @@ def cmd_fidelity(args) -> int:
     defaults = api.sampling_defaults(args.ckpt)
     steps, solver = args.steps or defaults["steps"], args.solver or defaults["solver"]
     cfg = args.cfg if args.cfg is not None else defaults["cfg"]
+    if args.shift is None:
+        args.shift = api.default_shift(defaults, solver)
     table.caption = f"{solver}, {steps} steps, shift {args.shift:g}, CFG {cfg:g}, {args.n} samples for each of {len(args.prompts) if args.prompts else args.k} prompts, seed {args.seed}"
     for untrained in ((False, True) if args.baseline else (False,)):
         with console.status("sampling..."):
@@ -305,26 +335,43 @@ def cmd_serve(args) -> int:
 
 # --- demo --------------------------------------------------------------------------------
 
+# The demo's emoji: distinct shapes and colours a person names at a glance.
+DEMO_PROMPTS = ["grinning face", "red heart", "thumbs up", "fire", "pizza", "rocket", "sun", "snowman",
+                "watermelon", "ghost", "four leaf clover", "crying face"]
+
+
 def cmd_demo(args) -> int:
-    """Build the emoji set, train the tiny preset briefly, write a sample grid: the commands a user would type."""
+    """Build the emoji set, train the tiny preset on the demo's dozen emoji, write a sample grid
+    and score it: the commands a user would type, sized for minutes on a laptop CPU."""
+    from mlxflow import api
     from mlxflow.checkpoint import checkpoint_step, list_checkpoints
+    from mlxflow.data.dataset import subset_dataset_folder
 
     root = Path(args.out)
-    data, run, grid = root / "emoji-data", root / "run-tiny", root / "samples.png"
+    data, demo_data, run, grid = root / "emoji-data", root / "emoji-demo", root / "run-demo", root / "samples.png"
     parse = build_parser().parse_args
     if not (data / "images.npy").exists():
         # Without skin-tone variants: 1.9k distinct emoji instead of 3.8k near-duplicates.
         cmd_data(parse(["data", "emoji", str(data), "--no-skin-tones"] + (["--font", args.font] if args.font else [])))
+    if not (demo_data / "images.npy").exists():
+        subset_dataset_folder(data, demo_data, DEMO_PROMPTS)
     ckpts = list_checkpoints(run)
     done = checkpoint_step(ckpts[-1]) if ckpts else 0
     if done < args.steps:
-        rc = cmd_train(parse(["train", "emoji", "--data", str(data), "--out", str(run), "--preset", "tiny",
-                         "--steps", str(args.steps)] + (["--resume", "latest"] if ckpts else [])))
+        rc = cmd_train(parse(["train", "emoji", "--data", str(demo_data), "--out", str(run), "--preset", "tiny",
+                              "--steps", str(args.steps), "--batch-size", str(len(DEMO_PROMPTS))]
+                             + (["--resume", "latest"] if ckpts else [])))
         if rc:
             return rc
-    prompts = ["grinning face", "red heart", "thumbs up", "fire", "pizza", "rocket"]
-    cmd_sample(parse(["sample", str(run), *prompts, "--n", "4", "--output", str(grid)]))
-    out.print(f"[bold green]sample grid:[/] {grid.resolve()} (rows: {', '.join(prompts)})")
+    cmd_sample(parse(["sample", str(run), *DEMO_PROMPTS, "--n", "4", "--output", str(grid)]))
+    with console.status("scoring the grid..."):
+        # Nearest image among all 1.9k emoji, not only the dozen trained on: a sample counts
+        # only when it is closer to its own emoji than to any other the font draws.
+        score = api.prompt_fidelity(run, data, prompts=DEMO_PROMPTS, n=4, steps=20, solver="ab2", cfg_scale=3.0,
+                                    shift=0.5)
+    out.print(f"[bold green]sample grid:[/] {grid.resolve()} (rows: {', '.join(DEMO_PROMPTS)})")
+    out.print(f"prompt fidelity {score['fidelity']:.0%} of {score['samples']} samples: the nearest of all "
+              f"{round(1 / score['chance'])} emoji is the prompted one (chance {score['chance']:.2%})")
     return 0
 
 
@@ -398,8 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=4, help="images per prompt (or in all, for unconditional models)")
     s.add_argument("--steps", type=int, help="solver steps (default: the family's)")
     s.add_argument("--solver", choices=sorted(SOLVERS), help="ODE solver (default: the family's)")
-    s.add_argument("--shift", type=float, default=1.0,
-                   help="time-grid shift: > 1 spends more steps near noise (e.g. --solver ab2 --steps 10 --shift 2)")
+    s.add_argument("--shift", type=float,
+                   help="time-grid shift: > 1 spends more steps near noise, < 1 near the data (default: the "
+                        "family's for its solver, e.g. emoji ab2 0.5; 1 for other solvers)")
     s.add_argument("--verbose", action="store_true", help="print sampling time per image and network evaluations")
     s.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = off; default: the family's)")
     s.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LO", "HI"), help="apply CFG only for t in [LO, HI]")
@@ -419,11 +467,23 @@ def build_parser() -> argparse.ArgumentParser:
     fd.add_argument("--n", type=int, default=1000, help="samples (and reference images); keep it fixed to compare")
     fd.add_argument("--steps", type=int, help="solver steps (default: the family's)")
     fd.add_argument("--solver", choices=sorted(SOLVERS), help="(default: the family's)")
-    fd.add_argument("--shift", type=float, default=1.0)
+    fd.add_argument("--shift", type=float, help="time-grid shift (default: the family's for its solver)")
     fd.add_argument("--cfg", type=float, help="guidance scale (default: the family's)")
     fd.add_argument("--seed", type=int, default=0)
     fd.add_argument("--fid-weights", help="inception-2015-12-05.pt (default: $MLXFLOW_FID_WEIGHTS, caches)")
     fd.set_defaults(func=cmd_fid)
+
+    so = sub.add_parser("solvers", help="compare few-step solver schedules against a fine reference solve")
+    so.add_argument("ckpt")
+    so.add_argument("prompts", nargs="+")
+    so.add_argument("--schedule", nargs="+", metavar="SOLVER:STEPS[:SHIFT]",
+                    default=["euler:50", "euler:10", "heun:5", "midpoint:5", "ab2:10", "ab2:10:2"],
+                    help="schedules to compare (default: euler 50 and five 10-evaluation ones)")
+    so.add_argument("--data", help="dataset folder: also score prompt fidelity (prompts must be its captions)")
+    so.add_argument("--n", type=int, default=4)
+    so.add_argument("--cfg", type=float)
+    so.add_argument("--seed", type=int, default=0)
+    so.set_defaults(func=cmd_solvers)
 
     pl = sub.add_parser("plot", help="draw a run's curves (RUN/log.jsonl) to a PNG")
     pl.add_argument("run", help="run folder")
@@ -454,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--n", type=int, default=2, help="samples per prompt")
     f.add_argument("--steps", type=int, help="solver steps (default: the family's)")
     f.add_argument("--solver", choices=sorted(SOLVERS), help="(default: the family's)")
-    f.add_argument("--shift", type=float, default=1.0, help="time-grid shift (> 1: more steps near noise)")
+    f.add_argument("--shift", type=float, help="time-grid shift (default: the family's for its solver)")
     f.add_argument("--prompts", nargs="+", help="training captions to score (default: --k spread over the set)")
     f.add_argument("--cfg", type=float, help="(default: the family's)")
     f.add_argument("--seed", type=int, default=0)
@@ -493,9 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     w.set_defaults(func=cmd_serve)
 
-    m = sub.add_parser("demo", help="build the emoji set, train the tiny preset briefly, write a sample grid")
+    m = sub.add_parser("demo", help="build the emoji set, train the tiny preset on a dozen emoji, write and score a grid")
     m.add_argument("--out", default="runs/demo")
-    m.add_argument("--steps", type=int, default=400)
+    m.add_argument("--steps", type=int, default=800)
     m.add_argument("--font")
     m.set_defaults(func=cmd_demo)
     return p

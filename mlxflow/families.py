@@ -46,7 +46,8 @@ class Family:
     coreml: bool = False  # `mlxflow export coreml` supports it
     default_preset: str = "default"
     description: str = ""
-    # Sampling defaults a user gets without flags: steps, solver, cfg, cfg_interval.
+    # Sampling defaults a user gets without flags: steps, solver, cfg, cfg_interval[, shift]
+    # (the time-grid shift belongs to the default solver: another solver gets 1).
     sample_defaults: dict = field(default_factory=lambda: dict(steps=20, solver="heun", cfg=3.0, cfg_interval=None))
     # model config -> forward FLOPs of one image (2 x multiply-adds of its matmuls); None: unknown
     flops_per_image: Callable[[object], float] | None = None
@@ -154,6 +155,10 @@ def _register_builtin() -> None:
         mlx_model="mlxflow.models.emoji:EmojiFlow", torch_model="mlxflow.torch_ref.emoji:EmojiFlow",
         prediction="velocity", codec="pixels", conditioning="text", probe_points=_emoji_probe_points,
         coreml=True, default_preset="default", text_encoder="minilm-tokens",
+        # Second-order Adams-Bashforth, 20 evaluations on a grid shifted toward the data: closer
+        # to a 200-evaluation RK4 solve than Heun 20 (40 evaluations) on a trained model
+        # (`mlxflow solvers`; RMSE 0.0028 vs 0.0055, Euler 50: 0.0029).
+        sample_defaults=dict(steps=20, solver="ab2", cfg=3.0, cfg_interval=None, shift=0.5),
         description="pixel-space U-Net for 64x64 emoji, conditioned on frozen text embeddings"))
 
 

@@ -181,7 +181,8 @@ def build_app(ckpt=None, *, loaded: Loaded | None = None):
             req = parse_request(kind, prompts_text, classes, n, steps, solver, cfg, seed, preview)
             yield None, "starting...", gr.update(value=None, visible=False)
             tic = time.perf_counter()
-            for step, total, grid in api.sample_frames(loaded.model, loaded.ckpt, interval=interval, **req):
+            shift = api.default_shift(loaded.defaults, req["solver"])
+            for step, total, grid in api.sample_frames(loaded.model, loaded.ckpt, interval=interval, shift=shift, **req):
                 if step < total:
                     yield _for_display(grid), f"step {step}/{total}", gr.skip()
             # The download is what `mlxflow sample` writes: the grid at 2x.

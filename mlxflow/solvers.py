@@ -70,26 +70,47 @@ def heun_euler_last(velocity: Velocity, x, ts: list[float]) -> Iterator:
         yield i, t_next, x
 
 
-def ab2(velocity: Velocity, x, ts: list[float]) -> Iterator:
-    """Second-order Adams-Bashforth on a variable grid: one evaluation per step.
+def _adams_weights(times: list[float], t0: float, t1: float) -> list[float]:
+    """Weights w_j with  integral_{t0}^{t1} p(t) dt = sum_j w_j v_j  for the polynomial p
+    through the points (times[j], v_j): exact integrals of the Lagrange basis polynomials."""
+    import numpy as np
 
-    Each step extrapolates the velocity linearly from the last two evaluations, so it is
-    second order at Euler's cost (the first step, with no history, is Euler; its O(h^2)
-    error keeps the method second order overall). The field is never evaluated at t = 1.
-    This is the few-step choice: at 10 evaluations it takes 10 second-order steps where
-    Heun takes 5.
+    weights = []
+    for j, tj in enumerate(times):
+        basis = np.poly1d([1.0])
+        for k, tk in enumerate(times):
+            if k != j:
+                basis *= np.poly1d([1.0, -tk]) / (tj - tk)
+        antiderivative = basis.integ()
+        weights.append(float(antiderivative(t1) - antiderivative(t0)))
+    return weights
+
+
+def adams_bashforth(order: int):
+    """Explicit Adams-Bashforth of `order` on a variable grid: one evaluation per step.
+
+    Each step integrates the polynomial through the last `order` velocities, so it is
+    `order`-th order at Euler's cost; the first steps, short of history, use what there is
+    (Euler, then order 2, ...), which keeps the global order. The field is never evaluated
+    at t = 1. This is the few-step choice: at 10 evaluations it takes 10 high-order steps
+    where Heun takes 5 second-order ones.
     """
-    v_prev, h_prev = None, None
-    for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
-        h = t_next - t
-        v = velocity(x, t)
-        if v_prev is None:
-            x = x + h * v
-        else:
-            r = h / (2 * h_prev)
-            x = x + h * ((1 + r) * v - r * v_prev)
-        v_prev, h_prev = v, h
-        yield i, t_next, x
+    def solve(velocity: Velocity, x, ts: list[float]) -> Iterator:
+        history: list[tuple[float, object]] = []
+        for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
+            history = (history + [(t, velocity(x, t))])[-order:]
+            weights = _adams_weights([h[0] for h in history], t, t_next)
+            for w, (_, v) in zip(weights, history):
+                x = x + w * v
+            yield i, t_next, x
+
+    solve.__name__ = f"ab{order}"
+    return solve
+
+
+# Second order only: on a trained emoji model with CFG 3, order 3 at 10 steps landed 1.5-3x
+# farther from a fine reference solve than order 2 (`mlxflow solvers`).
+ab2 = adams_bashforth(2)
 
 
 SOLVERS = {"euler": euler, "heun": heun, "midpoint": midpoint, "rk4": rk4, "heun_euler_last": heun_euler_last,

@@ -76,3 +76,9 @@ def test_ab2_uses_one_evaluation_per_step_and_never_t1():
     # on a shifted (non-uniform) grid it is still far closer than Euler at the same cost
     *_, (_, _, xe) = solvers.integrate(lambda x, t: x, np.ones(1), 10, "euler", shift=2.0)
     assert abs(x[0] - math.e) < 0.2 * abs(xe[0] - math.e)
+
+
+def test_adams_weights_integrate_polynomials_exactly():
+    # through 3 points the interpolant of t^2 is t^2 itself: its integral over [1, 1.5] is exact
+    w = solvers._adams_weights([0.0, 0.4, 1.0], 1.0, 1.5)
+    assert sum(wi * t * t for wi, t in zip(w, [0.0, 0.4, 1.0])) == pytest.approx((1.5**3 - 1) / 3)
