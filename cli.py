@@ -13,7 +13,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 console = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)
+# Piped or logged output (not a terminal) gets room for the bench and crosscheck tables
+# instead of rich's 80-column fallback, which truncates their cells.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
 
 def _bar(*extra) -> Progress:
