@@ -128,8 +128,26 @@ EMOJI_TRAIN_PRESETS: dict[str, dict] = {
 JIT_CONDITIONINGS = ("class", "text", "none")
 
 
+class PatchTokens:
+    """Token geometry shared by the patch transformers' configs (JiT, DiT): a `grid` of
+    patches per side, each of `patch_size`^2 x `in_channels` values, `heads` over `dim`."""
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid * self.grid
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one patch vector, ordered (p, p, C) row-major."""
+        return self.patch_size * self.patch_size * self.in_channels
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+
 @dataclass
-class JiTConfig:
+class JiTConfig(PatchTokens):
     """Pixel-space ViT denoiser. Defaults are the paper's JiT-B/16 at 256x256 (~131M params).
 
     Images are cut into patch_size x patch_size patches every patch_stride pixels
@@ -157,19 +175,6 @@ class JiTConfig:
     def grid(self) -> int:
         """Patches per side."""
         return (self.image_size - self.patch_size) // self.patch_stride + 1
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid * self.grid
-
-    @property
-    def patch_dim(self) -> int:
-        """Length of one patch vector, ordered (p, p, C) row-major."""
-        return self.patch_size * self.patch_size * self.in_channels
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.heads
 
     @property
     def mlp_hidden(self) -> int:
@@ -275,7 +280,7 @@ def jit_flops_per_image(cfg: JiTConfig) -> float:
 
 
 @dataclass
-class DiTConfig:
+class DiTConfig(PatchTokens):
     """Latent-space transformer conditioned on frozen T5 token states. Defaults are `base`.
 
     The network works on SD-VAE latents: an image_size x image_size RGB image is a
@@ -313,19 +318,6 @@ class DiTConfig:
     def grid(self) -> int:
         """Patches per side."""
         return self.latent_size // self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid * self.grid
-
-    @property
-    def patch_dim(self) -> int:
-        """Length of one patch vector, ordered (p, p, C) row-major."""
-        return self.patch_size * self.patch_size * self.in_channels
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.heads
 
     @property
     def mlp_hidden(self) -> int:

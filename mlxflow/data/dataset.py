@@ -85,6 +85,12 @@ def write_dataset_folder(
     return out_dir
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """int (n,) sample order of ``epoch``: a pure function of (seed, epoch), the one every
+    dataset kind (image folders, latent caches) shuffles by, so resumed positions agree."""
+    return np.random.default_rng([int(seed), int(epoch)]).permutation(n)
+
+
 def subset_dataset_folder(src_dir, out_dir, captions: list[str], overwrite: bool = False) -> Path:
     """A dataset folder holding only the samples of `src_dir` with these captions (in this
     order; the first sample of each caption): e.g. the dozen emoji a demo shows."""
@@ -207,7 +213,7 @@ class ImageTextDataset:
 
     def epoch_order(self, seed: int, epoch: int) -> np.ndarray:
         """int (N,) sample order of ``epoch``: a pure function of (seed, epoch)."""
-        return np.random.default_rng([int(seed), int(epoch)]).permutation(len(self))
+        return epoch_order(len(self), seed, epoch)
 
     def epoch_flips(self, seed: int, epoch: int) -> np.ndarray:
         """bool (N,) indexed by sample index: flip that sample in ``epoch``?"""

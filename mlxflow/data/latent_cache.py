@@ -522,7 +522,9 @@ class LatentCache:
 
     def epoch_order(self, seed: int, epoch: int) -> np.ndarray:
         """int (N,) sample order of ``epoch``: a pure function of (seed, epoch), as ImageTextDataset's."""
-        return np.random.default_rng([int(seed), int(epoch)]).permutation(len(self))
+        from .dataset import epoch_order
+
+        return epoch_order(len(self), seed, epoch)
 
     def batches(
         self,
