@@ -155,6 +155,12 @@ def test_sample_crosscheck_and_cli(cache, tmp_path, capsys):
     assert w > h > 128  # two rows (prompts) of three 64x64 decoded samples
     assert "RANDOM" in capsys.readouterr().out
     assert "a red square" in api.checkpoint_info(run)["examples"]  # the web demo's example prompts
+    # the web demo's progressive frames: decoded grids every `preview` steps, then the final one
+    from mlxflow.models import load_model
+
+    model, ck = load_model(run)
+    frames = list(api.sample_frames(model, ck, ["a red square"], n=2, steps=4, preview=2))
+    assert [f[0] for f in frames] == [2, 4] and frames[-1][2].size[0] > 64
 
 
 def test_user_errors(cache, tmp_path):
