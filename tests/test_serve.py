@@ -184,7 +184,7 @@ def test_prompt_streams_frames_then_final_grid(server, browser, checkpoint, tmp_
     browser.execute_script(WATCH_FRAMES)
     browser.find_element("css selector", "#mlxflow-generate").click()
     _wait(browser, lambda d: _status(d).startswith("done"), what="the final grid")
-    assert "8 images, heun 12 steps" in _status(browser)
+    assert "8 images, ab2 12 steps" in _status(browser)
     frames = browser.execute_script("return window.__frames")
     pixels = [_fetch_png(src) for src in frames]
     final = pixels[-1]
@@ -221,7 +221,7 @@ def test_bad_input_shows_a_message_and_the_server_keeps_serving(server, browser)
     _set_number(browser, "mlxflow-steps", 3)
     browser.find_element("css selector", "#mlxflow-generate").click()
     _wait(browser, lambda d: _status(d).startswith("done"), what="a good request after the bad ones")
-    assert "heun 3 steps" in _status(browser)
+    assert "ab2 3 steps" in _status(browser)
 
 
 @needs_browser
@@ -240,7 +240,7 @@ def test_two_tabs_generating_at_once_both_finish(server, browser):
     for handle in tabs:
         browser.switch_to.window(handle)
         _wait(browser, lambda d: _status(d).startswith("done"), what=f"tab {tabs.index(handle) + 1} to finish")
-        assert "4 images, heun 16 steps" in _status(browser)
+        assert "4 images, ab2 16 steps" in _status(browser)
 
 
 @needs_browser
