@@ -369,8 +369,9 @@ def cmd_demo(args) -> int:
     with console.status("scoring the grid..."):
         # Nearest image among all 1.9k emoji, not only the dozen trained on: a sample counts
         # only when it is closer to its own emoji than to any other the font draws.
-        score = api.prompt_fidelity(run, data, prompts=DEMO_PROMPTS, n=4, steps=20, solver="ab2", cfg_scale=3.0,
-                                    shift=0.5)
+        d = api.sampling_defaults(run)
+        score = api.prompt_fidelity(run, data, prompts=DEMO_PROMPTS, n=4, steps=d["steps"], solver=d["solver"],
+                                    cfg_scale=d["cfg"], interval=d["cfg_interval"])
     out.print(f"[bold green]sample grid:[/] {grid.resolve()} (rows: {', '.join(DEMO_PROMPTS)})")
     out.print(f"prompt fidelity {score['fidelity']:.0%} of {score['samples']} samples: the nearest of all "
               f"{round(1 / score['chance'])} emoji is the prompted one (chance {score['chance']:.2%})")
@@ -449,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--solver", choices=sorted(SOLVERS), help="ODE solver (default: the family's)")
     s.add_argument("--shift", type=float,
                    help="time-grid shift: > 1 spends more steps near noise, < 1 near the data (default: the "
-                        "family's for its solver, e.g. emoji ab2 0.5; 1 for other solvers)")
+                        "family's for its solver, else 1)")
     s.add_argument("--verbose", action="store_true", help="print sampling time per image and network evaluations")
     s.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = off; default: the family's)")
     s.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LO", "HI"), help="apply CFG only for t in [LO, HI]")
