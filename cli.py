@@ -187,6 +187,7 @@ def cmd_fid(args) -> int:
 
 def cmd_solvers(args) -> int:
     from mlxflow import api
+    from mlxflow.errors import MlxflowError
 
     schedules = []
     for spec in args.schedule:
@@ -194,7 +195,7 @@ def cmd_solvers(args) -> int:
         try:
             schedules.append((parts[0], int(parts[1]), float(parts[2]) if len(parts) > 2 else 1.0))
         except (IndexError, ValueError):
-            raise SystemExit(f"--schedule wants SOLVER:STEPS[:SHIFT], got '{spec}'") from None
+            raise MlxflowError(f"--schedule wants SOLVER:STEPS[:SHIFT], got '{spec}'") from None
     table = Table(title="solver schedules against a fine reference solve (same noise)")
     for col in ("solver", "steps", "shift", "NFE", "RMSE vs reference", "fidelity"):
         table.add_column(col)

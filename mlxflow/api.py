@@ -110,15 +110,20 @@ def embed_dataset(data_dir, text_encoder: str = DEFAULT_TEXT_ENCODER, on_progres
     return ImageTextDataset.load(data_dir).text_embeddings(load_text_encoder(text_encoder), on_progress=on_progress)
 
 
-def grid_conditions(plan, picks: np.ndarray) -> np.ndarray:
-    """The conditions of training samples `picks` as the network takes them (a latent
-    cache's token ids go through the run's frozen text encoder)."""
-    if plan.embeddings is not None:
-        return plan.embeddings[picks]
+def cache_conditions(cache, index: np.ndarray, text_encoder: str) -> np.ndarray:
+    """float32 (K, L, D) text states of a latent cache's samples `index`: their token ids
+    through the frozen encoder, padding rows zero (what the trainers feed the network)."""
     from .models.text import load_text_encoder
 
-    rows = plan.dataset.gather(picks)
-    return load_text_encoder(plan.condition_encoder).encode_ids(rows["text"], rows["mask"])
+    rows = cache.gather(index)
+    return load_text_encoder(text_encoder).encode_ids(rows["text"], rows["mask"])
+
+
+def grid_conditions(plan, picks: np.ndarray) -> np.ndarray:
+    """The conditions of training samples `picks` as the network takes them."""
+    if plan.embeddings is not None:
+        return plan.embeddings[picks]
+    return cache_conditions(plan.dataset, picks, plan.condition_encoder)
 
 
 def train_model(family: str, data_dir, out_dir, *, preset: str | None = None, steps: int | None = None,
@@ -129,18 +134,13 @@ def train_model(family: str, data_dir, out_dir, *, preset: str | None = None, st
 
     Returns the trainer's TrainResult (checkpoint, losses, steps, interrupted, ...).
     """
-    from .data.dataset import ImageTextDataset
     from .families import get_family
+    from .trainer import load_training_data
 
     fam = get_family(family)
     mcfg = fam.model_config(preset, **(model_overrides or {}))
     tcfg = fam.train_config(preset, steps=steps, **(train_overrides or {}))
-    if fam.get_codec().needs_cache:
-        from .trainer import load_latent_cache
-
-        dataset = load_latent_cache(data_dir, fam)
-    else:
-        dataset = ImageTextDataset.load(data_dir)
+    dataset = load_training_data(fam, data_dir)
 
     # A fixed, spread-out set of training prompts for the periodic grids.
     picks = np.linspace(0, len(dataset) - 1, min(sample_prompts, len(dataset))).astype(int)
@@ -281,11 +281,7 @@ def prompt_fidelity(ckpt, data_dir, *, k: int = 16, n: int = 2, steps: int = 20,
     if emb.shape[1:] != (ck.model_config.text_tokens, ck.model_config.text_dim):
         raise MlxflowError("the dataset's text embeddings do not match the checkpoint's encoder")
     if prompts:
-        index = {c: i for i, c in reversed(list(enumerate(dataset.captions)))}
-        missing = [p for p in prompts if p not in index]
-        if missing:
-            raise MlxflowError(f"not training captions of {data_dir}: {', '.join(missing)}")
-        prompts = np.array([index[p] for p in prompts])
+        prompts = dataset.caption_index(prompts)
     else:
         prompts = np.linspace(0, len(dataset) - 1, min(k, len(dataset))).astype(int)
     text = mx.array(np.repeat(emb[prompts], n, axis=0))
@@ -306,10 +302,7 @@ def fid_references(fam, model_config, dataset, n: int, text_encoder: str):
 
     n = min(n, len(dataset))
     if fam.get_codec().needs_cache:
-        from .models.text import load_text_encoder
-
-        rows = dataset.gather(np.arange(n))
-        cond = load_text_encoder(text_encoder).encode_ids(rows["text"], rows["mask"])
+        cond = cache_conditions(dataset, np.arange(n), text_encoder)
 
         def images_fn(count):
             for lo in range(0, count, 64):
@@ -361,14 +354,9 @@ def fid_score(ckpt, data_dir, *, n: int = 1000, steps: int | None = None, solver
     cfg_scale = d["cfg"] if cfg_scale is None else cfg_scale
     shift = default_shift(d, solver) if shift is None else shift
     net = load_fid_network(fid_weights)
-    if fam.get_codec().needs_cache:
-        from .trainer import load_latent_cache
+    from .trainer import load_training_data
 
-        dataset = load_latent_cache(data_dir, fam)
-    else:
-        from .data.dataset import ImageTextDataset
-
-        dataset = ImageTextDataset.load(data_dir)
+    dataset = load_training_data(fam, data_dir)
     score = fid_of_model(model, fam, ck.model_config, dataset, data_dir, n=n, text_encoder=ck.text_encoder,
                          steps=steps, solver=solver, cfg_scale=cfg_scale, interval=d["cfg_interval"], shift=shift,
                          noise_scale=ck.train_config.noise_scale, seed=seed, net=net, on_progress=on_progress)
@@ -401,11 +389,7 @@ def solver_comparison(ckpt, prompts: list[str], schedules: list[tuple[str, int, 
         from .data.dataset import ImageTextDataset
 
         dataset = ImageTextDataset.load(data_dir)
-        first = {c: i for i, c in reversed(list(enumerate(dataset.captions)))}
-        missing = [p for p in prompts if p not in first]
-        if missing:
-            raise MlxflowError(f"not training captions of {data_dir}: {', '.join(missing)}")
-        ref_index = np.repeat([first[p] for p in prompts], n)
+        ref_index = np.repeat(dataset.caption_index(prompts), n)
         reference_images = resize_images(dataset.images, ck.model_config.image_size)
 
     def solve(solver, steps, shift):

@@ -120,13 +120,11 @@ def prepare_run(run_dir, family: str, dataset, model_config, train_config: Train
         ckpt, train_config = checkpoint_to_resume(run_dir, resume, family, train_config)
         model_config, text_encoder = ckpt.model_config, ckpt.text_encoder or text_encoder
 
+    dataset = load_training_data(fam, dataset)
     if fam.get_codec().needs_cache:
-        dataset = load_latent_cache(dataset, fam)
         model_config, text_encoder = fit_latent_cache(model_config, dataset, ckpt, notes)
         return _plan(run_dir, fam, model_config, train_config, text_encoder, dataset, None, ckpt, notes, existing,
                      condition_encoder=text_encoder)
-    if not hasattr(dataset, "batches"):
-        dataset = ImageTextDataset.load(dataset)
     if ckpt is None:
         model_config = fit_conditioning(fam, model_config, dataset, notes)
     kind = kind_of(fam, model_config)
@@ -165,6 +163,18 @@ def _plan(run_dir, fam, model_config, cfg, text_encoder, dataset, embeddings, ck
     position = int(ckpt.state.get("batches_consumed", start * cfg.grad_accum)) if ckpt is not None else 0
     return RunPlan(run_dir, fam, model_config, cfg, text_encoder, dataset, embeddings, start, position, ckpt, notes,
                    existing[-1] if existing else None, condition_encoder)
+
+
+def load_training_data(fam: Family, data):
+    """A family's training data from a folder (or an already loaded dataset): a latent cache
+    for latent families, a dataset folder for pixel ones."""
+    if fam.get_codec().needs_cache:
+        return load_latent_cache(data, fam)
+    if hasattr(data, "batches"):
+        return data
+    from .data.dataset import ImageTextDataset
+
+    return ImageTextDataset.load(data)
 
 
 def load_latent_cache(dataset, fam: Family):
@@ -377,7 +387,7 @@ def run_training(plan: RunPlan, session, *, framework: str,
                 if on_eval is not None:
                     metrics.update(on_eval(step, session.ema_weights(), plan) or {})
                 log.write("eval", step, **metrics)
-            tic = time.perf_counter()
+            tic = now
             if session.any_rank(stop.requested) and step < cfg.steps:
                 interrupted = True
                 break
@@ -392,4 +402,6 @@ def run_training(plan: RunPlan, session, *, framework: str,
             final = save(step)  # a fresh run asked for zero steps still leaves its initial weights
     if on_sample and session.rank == 0 and not interrupted:
         on_sample(step, session.ema_weights(), plan)
+    if log is not None:
+        log.close()
     return TrainResult(final, losses, step, plan.start_step, plan.model_config, interrupted)

@@ -95,11 +95,7 @@ def subset_dataset_folder(src_dir, out_dir, captions: list[str], overwrite: bool
     """A dataset folder holding only the samples of `src_dir` with these captions (in this
     order; the first sample of each caption): e.g. the dozen emoji a demo shows."""
     src = ImageTextDataset.load(src_dir)
-    first = {c: i for i, c in reversed(list(enumerate(src.captions)))}
-    missing = [c for c in captions if c not in first]
-    if missing:
-        raise MlxflowError(f"not captions of {src.path}: {', '.join(missing)}")
-    rows = [first[c] for c in captions]
+    rows = src.caption_index(captions).tolist()
     raw = json.loads((src.path / CAPTIONS).read_text(encoding="utf-8"))
     meta = {**src.meta, "count": len(rows), "subset_of": str(src.path), "mlxflow_version": mlxflow_version()}
     return write_dataset_folder(out_dir, src.images[rows], [raw[i] for i in rows], meta, overwrite=overwrite)
@@ -127,6 +123,14 @@ class ImageTextDataset:
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def caption_index(self, captions: list[str]) -> np.ndarray:
+        """int (K,) index of the first sample of each caption; one line naming any that is not here."""
+        first = {c: i for i, c in reversed(list(enumerate(self.captions)))}
+        missing = [c for c in captions if c not in first]
+        if missing:
+            raise MlxflowError(f"not training captions of {self.path}: {', '.join(missing)}")
+        return np.array([first[c] for c in captions], np.int64)
 
     def __repr__(self) -> str:
         return f"ImageTextDataset({str(self.path)!r}, n={len(self)}, size={self.size})"
