@@ -103,7 +103,8 @@ def cmd_train(args) -> int:
     overrides = {"batch_size": args.batch_size, "lr": args.lr, "grad_accum": args.grad_accum,
                  "bf16": args.bf16, "seed": args.seed, "ckpt_every": args.ckpt_every,
                  "sample_every": args.sample_every, "log_every": None, "compile": args.compile,
-                 "fused_adamw": args.fused_adamw, "fused_attention": args.fused_attention}
+                 "fused_adamw": args.fused_adamw, "fused_attention": args.fused_attention,
+                 "device_data": args.device_data}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     log_every = args.log_every
     label = "train" if args.framework == "mlx" else f"train ({args.framework})"
@@ -432,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="(torch) fused AdamW kernel (default: on with CUDA)")
     t.add_argument("--fused-attention", action=argparse.BooleanOptionalAction,
                    help="(torch) bf16 fused SDPA (flash) attention instead of fp32 scores (default: on with CUDA + bf16)")
+    t.add_argument("--device-data", action=argparse.BooleanOptionalAction,
+                   help="hold the image set on the training device and draw batches there "
+                        "(default: when it fits in 2 GiB)")
     t.add_argument("--seed", type=int)
     t.add_argument("--ckpt-every", type=int)
     t.add_argument("--sample-every", type=int)

@@ -82,6 +82,9 @@ class TrainConfig:
     # instead of fp32 scores; None = on with CUDA when bf16 is on. Families whose attention
     # always uses fused SDPA ignore it.
     fused_attention: bool | None = None
+    # Hold the whole image set and its conditions on the training device and gather batches
+    # there (same batches as the host stream); None = whenever it fits (trainer.DEVICE_DATA_LIMIT).
+    device_data: bool | None = None
     flip: bool = False  # horizontal flips; off for emoji, many of which are directional
     max_samples: int = 0  # train on the first N samples only (0 = all); the DiT overfit check uses 4,096
     seed: int = 0

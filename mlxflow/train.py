@@ -4,7 +4,11 @@ One optimizer step = `grad_accum` micro-batches, each: draw noise x0, times t an
 condition-dropout mask, build x_t on the straight path, regress the velocity (an
 x-predicting family is scored in velocity space through flow.to_velocity). The step
 (gradients, clipping, AdamW, EMA) is one `mx.compile`d function over
-[model.state, optimizer.state, ema.state]; there is one `mx.eval` per step.
+[model.state, optimizer.state, ema.state]. Steps are evaluated asynchronously
+(`mx.async_eval`) one ahead: while the device runs step s, the host builds step s + 1,
+and the loss is read back only every `log_every` steps (trainer.run_training). A dataset
+that fits is held as one uint8 array and each batch is gathered from it by index
+(TrainConfig.device_data; on Apple silicon that is the GPU's memory).
 
 Randomness: every step draws from a key derived from (seed, step), passed into the
 compiled step as an argument. That makes `--resume` exact without saving RNG state.
@@ -27,7 +31,8 @@ from .config import TrainConfig
 from .families import family_of
 from .flow import interpolate, sample_time, to_velocity, velocity_target
 from .models import load_weights_into
-from .trainer import RunPlan, StepInfo, TrainResult, eval_times, prepare_run, run_lock, run_training
+from .trainer import (RunPlan, StepInfo, TrainResult, eval_times, keeps_data_on_device, prepare_run, run_lock,
+                      run_training)
 
 __all__ = ["train", "flow_matching_loss", "make_optimizer", "make_train_step", "step_key", "StepInfo"]
 
@@ -143,6 +148,11 @@ class MLXSession:
         mx.eval(self.model.parameters(), self.ema.parameters(), self.optimizer.state,
                 self.ema2.parameters() if self.ema2 is not None else [])
         self.train_step = make_train_step(self.model, self.ema, self.optimizer, cfg, fam, self.ema2)
+        self.in_flight = None  # the previous step's loss, still being computed
+        self.resident = keeps_data_on_device(plan)
+        if self.resident:
+            self.images = mx.array(plan.dataset.images)  # uint8 (N, H, W, C)
+            self.table = mx.array(plan.embeddings)
         # A latent cache carries token ids: the frozen text encoder turns them into states here.
         self.text_encoder = None
         if plan.condition_encoder:
@@ -155,14 +165,36 @@ class MLXSession:
             return batch["text"]
         return self.text_encoder.encode_ids(batch["text"], batch["mask"])
 
-    def step(self, step: int, micro: list[dict], lr: float) -> tuple[float, float]:
+    def batch_arrays(self, batch: dict) -> tuple[mx.array, mx.array]:
+        """(images (B,H,W,C) float32 in [-1, 1], conditions): gathered from the resident set
+        for an index batch, converted from a host batch otherwise."""
+        if "image" in batch:
+            return mx.array(batch["image"]), mx.array(self.conditions(batch))
+        index = mx.array(batch["index"])
+        # The host stream's arithmetic (float32 x / 127.5 - 1), so both give the same pixels.
+        image = self.images[index].astype(mx.float32) / 127.5 - 1.0
+        if "flip" in batch:
+            image = mx.where(mx.array(batch["flip"])[:, None, None, None], image[:, :, ::-1], image)
+        return image, self.table[index]
+
+    def step(self, step: int, micro: list[dict], lr: float) -> tuple[mx.array, mx.array]:
+        """One optimizer step, scheduled on the device; returns (loss, grad_norm) unevaluated."""
         self.optimizer.learning_rate = mx.array(lr, mx.float32)
-        images = mx.array(np.stack([b["image"] for b in micro]))
-        text = mx.array(np.stack([self.conditions(b) for b in micro]))
+        pairs = [self.batch_arrays(b) for b in micro]
+        images = mx.stack([p[0] for p in pairs])
+        text = mx.stack([p[1] for p in pairs])
         loss, grad_norm = self.train_step(images, text, step_key(self.cfg.seed, step))
-        mx.eval(loss, grad_norm, self.model.state, self.optimizer.state, self.ema.state,
-                self.ema2.state if self.ema2 is not None else [])
-        return loss.item(), grad_norm.item()
+        mx.async_eval(loss, grad_norm, self.model.state, self.optimizer.state, self.ema.state,
+                      self.ema2.state if self.ema2 is not None else [])
+        # One step in flight at most: wait for the previous one (done by now, while this one
+        # was being built), so the host never queues more than a step ahead.
+        if self.in_flight is not None:
+            mx.eval(self.in_flight)
+        self.in_flight = loss
+        return loss, grad_norm
+
+    def read(self, values: list[mx.array]) -> list[float]:
+        return np.array(mx.stack(values).astype(mx.float32)).tolist()
 
     def evaluate(self, batch: dict) -> dict:
         """Held-out metrics on a fixed batch with fixed noise and an even spread of t (so the

@@ -7,10 +7,18 @@ canonical MLX names and layouts, so an MLX process can sample from (or fine-tune
 this trainer wrote.
 
 Determinism: every random draw of optimizer step `s`, micro-batch `m` (noise, t,
-condition-dropout mask) comes from a fresh CPU generator seeded by (seed, s, m) and is
-drawn for the GLOBAL batch; a DDP rank then takes its slice. Two consequences:
+condition-dropout mask) comes from the session's generator re-seeded by (seed, s, m) and
+is drawn for the GLOBAL batch; a DDP rank then takes its slice. Two consequences:
   * resume is exact: nothing random has to be carried in state.json;
   * N ranks x B/N rows see exactly the noise one process with B rows would.
+The generator lives on the training device, so a CUDA run draws other (equally
+distributed) numbers than a CPU run of the same seed.
+
+Speed (small models on big GPUs are bound by per-step overheads, not FLOPs): the image
+set and its conditions sit on the device and batches are gathered there by index
+(TrainConfig.device_data); noise is drawn there; the loss and gradient norm stay on the
+device until the loop reads a window of them back (trainer.run_training); the EMA is one
+foreach lerp; AdamW is fused and the model compiled with CUDA.
 
 Run data-parallel with
     torchrun --nproc_per_node 2 -m mlxflow.train_torch --family emoji --data DIR --preset tiny --steps N --out RUN
@@ -38,7 +46,7 @@ from .families import get_family
 from .flow import interpolate, sample_time, to_velocity, velocity_target
 from .torch_ref import default_device
 from .torch_ref.layers import set_fused_attention
-from .trainer import RunPlan, TrainResult, eval_times, prepare_run, run_lock, run_training
+from .trainer import RunPlan, TrainResult, eval_times, keeps_data_on_device, prepare_run, run_lock, run_training
 
 
 # ----------------------------------------------------------------------------- loss and draws
@@ -52,25 +60,27 @@ def flow_matching_loss(model, x1: torch.Tensor, x0: torch.Tensor, t: torch.Tenso
     return F.mse_loss(pred.float(), velocity_target(x0, x1).float())
 
 
-def _step_generator(seed: int, step: int, micro: int) -> torch.Generator:
-    """A CPU generator that is a pure function of (seed, step, micro).
-
-    SeedSequence mixes the three numbers so neighbouring (step, micro) pairs get unrelated
-    streams; drawing on the CPU keeps the draws identical on CPU and CUDA.
-    """
+def step_seed(seed: int, step: int, micro: int) -> int:
+    """The generator seed of micro-batch `micro` of optimizer step `step`: a pure function of
+    (seed, step, micro). SeedSequence mixes the three so neighbouring pairs get unrelated streams."""
     key = int(np.random.SeedSequence([int(seed), int(step), int(micro)]).generate_state(1, np.uint64)[0])
-    return torch.Generator(device="cpu").manual_seed(key & ((1 << 63) - 1))
+    return key & ((1 << 63) - 1)
 
 
-def draw_step_noise(cfg: TrainConfig, step: int, micro: int, batch: int, image_shape: tuple[int, int, int]):
-    """(x0 (B,C,H,W), t (B,), keep (B,) float 0/1) for the GLOBAL batch of one micro-step."""
-    g = _step_generator(cfg.seed, step, micro)
-    x0 = cfg.noise_scale * torch.randn((batch, *image_shape), generator=g)
+def draw_step_noise(cfg: TrainConfig, step: int, micro: int, batch: int, image_shape: tuple[int, int, int],
+                    generator: torch.Generator | None = None):
+    """(x0 (B,C,H,W), t (B,), keep (B,) float 0/1) for the GLOBAL batch of one micro-step, drawn
+    on the generator's device (default: a fresh CPU generator). Re-seeding is a host-side
+    call, so drawing on a GPU needs no synchronisation."""
+    g = generator if generator is not None else torch.Generator(device="cpu")
+    g.manual_seed(step_seed(cfg.seed, step, micro))
+    dev = g.device
+    x0 = cfg.noise_scale * torch.randn((batch, *image_shape), generator=g, device=dev)
     t = sample_time(cfg.time_sampler,
-                    lambda n: torch.rand(n, generator=g),
-                    lambda n: torch.randn(n, generator=g),
+                    lambda n: torch.rand(n, generator=g, device=dev),
+                    lambda n: torch.randn(n, generator=g, device=dev),
                     batch, cfg.t_mean, cfg.t_std, cfg.t_shift)
-    keep = (torch.rand(batch, generator=g) >= cfg.cond_dropout).float()
+    keep = (torch.rand(batch, generator=g, device=dev) >= cfg.cond_dropout).float()
     return x0, t, keep
 
 
@@ -198,13 +208,19 @@ class TorchSession:
         self.ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
         if ck is not None and ck.ema is not None:
             ema_sd = _from_mlx(ck.ema, mcfg, fam.name, f"checkpoint {ck.path} (EMA)")
-            self.ema = {k: v.to(device) for k, v in ema_sd.items()}
+            self.ema = {k: v.to(device).float() for k, v in ema_sd.items()}
         self.ema2 = None
         if cfg.ema_decay2 > 0:
             self.ema2 = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
             if ck is not None and ck.ema2 is not None:
                 ema2_sd = _from_mlx(ck.ema2, mcfg, fam.name, f"checkpoint {ck.path} (second EMA)")
-                self.ema2 = {k: v.to(device) for k, v in ema2_sd.items()}
+                self.ema2 = {k: v.to(device).float() for k, v in ema2_sd.items()}
+        # The tensors each EMA follows, paired once: the update is then one foreach lerp.
+        # (state_dict tensors share storage with the parameters, so they track every step.)
+        weights = model.state_dict()
+        self.ema_floats = [k for k, w in weights.items() if w.is_floating_point()]
+        self.ema_others = [k for k, w in weights.items() if not w.is_floating_point()]
+        self.ema_weights_of = weights
         self.fused = cuda_default(cfg.fused_adamw, device)
         self.opt = make_optimizer(model.parameters(), cfg, fused=self.fused)
         if ck is not None:
@@ -224,6 +240,12 @@ class TorchSession:
         # bf16 autocast: matmuls/convs in bf16, fp32 master weights and optimizer state, loss in fp32.
         self.amp = (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if cfg.bf16 else nullcontext
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.generator = torch.Generator(device=device)
+        # The whole set on the device: batches are gathered there by index, not copied per step.
+        self.resident = keeps_data_on_device(plan)
+        if self.resident:
+            self.images = torch.from_numpy(plan.dataset.images).to(device)  # uint8 (N, H, W, C)
+            self.table = torch.from_numpy(plan.embeddings).to(device)
         self.clip = cfg.grad_clip if cfg.grad_clip and cfg.grad_clip > 0 else float("inf")
         self.lr = cfg.lr
         model.train()
@@ -235,14 +257,30 @@ class TorchSession:
             self.text_encoder = load_text_encoder_torch(plan.condition_encoder, device)
 
     def conditions(self, batch: dict, rows: slice) -> torch.Tensor:
-        """This rank's rows of the batch's conditions, on the device."""
+        """This rank's rows of a host batch's conditions, on the device."""
         if self.text_encoder is None:
             return torch.from_numpy(batch["text"][rows]).to(self.device)
         with torch.no_grad():
             return self.text_encoder(torch.from_numpy(batch["text"][rows]).to(self.device),
                                      torch.from_numpy(batch["mask"][rows]).to(self.device))
 
-    def step(self, step: int, micro_batches: list[dict], lr: float) -> tuple[float, float]:
+    def batch_on_device(self, batch: dict, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images (b,C,H,W) float32 in [-1, 1], conditions) of this rank's rows, on the device:
+        gathered from the resident set for an index batch, copied over for a host batch."""
+        if "image" in batch:
+            # NHWC -> NCHW (the torch twin's layout).
+            image = torch.from_numpy(batch["image"][rows]).permute(0, 3, 1, 2).contiguous().to(self.device)
+            return image, self.conditions(batch, rows)
+        index = torch.from_numpy(batch["index"][rows]).to(self.device, non_blocking=True)
+        # The host stream's arithmetic (float32 x / 127.5 - 1), so both give the same pixels.
+        image = self.images[index].float() / 127.5 - 1.0
+        if "flip" in batch:
+            flip = torch.from_numpy(batch["flip"][rows]).to(self.device, non_blocking=True)
+            image = torch.where(flip[:, None, None, None], image.flip(2), image)
+        return image.permute(0, 3, 1, 2).contiguous(), self.table[index]
+
+    def step(self, step: int, micro_batches: list[dict], lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step; returns (loss, grad_norm) as device scalars, without waiting for them."""
         cfg, rows, dev = self.cfg, self.rows, self.device
         self.lr = lr
         for group in self.opt.param_groups:
@@ -250,11 +288,10 @@ class TorchSession:
         self.opt.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=dev)
         for micro, batch in enumerate(micro_batches):
-            x0, t, keep = draw_step_noise(cfg, step, micro, cfg.batch_size, self.image_shape)
-            # NHWC -> NCHW (the torch twin's layout), then this rank's rows.
-            x1 = torch.from_numpy(batch["image"][rows]).permute(0, 3, 1, 2).contiguous().to(dev)
-            cond = drop(self.kind, self.conditions(batch, rows), keep[rows].to(dev) > 0, self.mcfg)
-            x0, t = x0[rows].to(dev), t[rows].to(dev)
+            x0, t, keep = draw_step_noise(cfg, step, micro, cfg.batch_size, self.image_shape, self.generator)
+            x1, cond = self.batch_on_device(batch, rows)
+            cond = drop(self.kind, cond, keep[rows] > 0, self.mcfg)
+            x0, t = x0[rows], t[rows]
             # DDP all-reduces gradients only on the last micro-batch (no_sync on the others).
             sync = self.world == 1 or micro == len(micro_batches) - 1
             with (nullcontext() if sync else self.ddp_model.no_sync()), self.amp():
@@ -265,22 +302,25 @@ class TorchSession:
         if self.world > 1:
             dist.all_reduce(loss_sum)  # the logged loss is the global batch's, on every rank
             loss_sum /= self.world
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.clip))
-        loss_val = float(loss_sum)
-        if not (np.isfinite(loss_val) and np.isfinite(grad_norm)):
-            return loss_val, grad_norm  # the trainer stops before the optimizer touches the weights
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        # A non-finite step still updates the weights (checking would wait for the GPU); the
+        # loop's finite guard stops the run at that step and no checkpoint is written after it.
         self.opt.step()
         with torch.no_grad():
+            weights = self.ema_weights_of
             # EMA after every optimizer step: ema += (1 - decay) * (w - ema).
             for average, decay in ((self.ema, cfg.ema_decay), (self.ema2, cfg.ema_decay2)):
                 if average is None:
                     continue
-                for k, w in self.model.state_dict().items():
-                    if w.is_floating_point():
-                        average[k].lerp_(w.float(), 1.0 - decay)
-                    else:
-                        average[k].copy_(w)
-        return loss_val, grad_norm
+                torch._foreach_lerp_([average[k] for k in self.ema_floats],
+                                     [weights[k].float() for k in self.ema_floats], 1.0 - decay)
+                for k in self.ema_others:
+                    average[k].copy_(weights[k])
+        return loss_sum, grad_norm.detach()
+
+    def read(self, values: list[torch.Tensor]) -> list[float]:
+        """Device scalars -> host floats in one transfer (the loop's only wait for the device)."""
+        return torch.stack([v.float() for v in values]).cpu().tolist()
 
     def evaluate(self, batch: dict) -> dict:
         """Held-out metrics on a fixed batch (the MLX twin: train.MLXSession.evaluate), on this
@@ -433,6 +473,8 @@ def main(argv=None):
     p.add_argument("--fused-adamw", action=argparse.BooleanOptionalAction, help="fused AdamW (default: on with CUDA)")
     p.add_argument("--fused-attention", action=argparse.BooleanOptionalAction,
                    help="bf16 fused SDPA (flash) attention (default: on with CUDA + bf16)")
+    p.add_argument("--device-data", action=argparse.BooleanOptionalAction,
+                   help="hold the image set on the device and draw batches there (default: when it fits)")
     p.add_argument("--text-encoder", help="(default: the family's)")
     p.add_argument("--embeddings", help="precomputed float32 (N, L, D) caption embeddings (.npy)")
     p.add_argument("--resume", help="'latest' or a checkpoint folder")
@@ -446,7 +488,8 @@ def main(argv=None):
         mcfg = fam.model_config(a.preset)  # text_dim/text_tokens follow the embeddings
         tcfg = fam.train_config(a.preset, steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum,
                                 lr=a.lr, ckpt_every=a.ckpt_every, seed=a.seed, bf16=a.bf16, compile=a.compile,
-                                fused_adamw=a.fused_adamw, fused_attention=a.fused_attention)
+                                fused_adamw=a.fused_adamw, fused_attention=a.fused_attention,
+                                device_data=a.device_data)
 
         def log(info):
             if info.step % max(tcfg.log_every, 1) == 0 or info.step == info.total:

@@ -5,13 +5,23 @@ model's size) -> loop (draw micro-batches, one framework step, finite guard, ste
 periodic checkpoints and samples, Ctrl-C at a step boundary) -> final checkpoint.
 Everything here is framework-free; a framework supplies a small `Session`:
 
-    session.step(step, micro_batches, lr) -> (loss, grad_norm)   host floats, one optimizer step
+    session.step(step, micro_batches, lr) -> (loss, grad_norm)   one optimizer step; the two
+                                          scalars may stay on the device (framework arrays)
+    session.read(values)                  -> list[float]: such scalars, in one transfer
+    session.resident                      True: the session holds the whole set on its device
+                                          and is fed index batches (data.dataset.index_batches)
     session.checkpoint_tensors(step)      -> {"weights", "ema", "optimizer"[, "ema2"]} (MLX names/layouts, numpy)
     session.ema_weights()                 -> EMA weights (MLX names/layouts, numpy) for sample grids
     session.rank, session.world, session.barrier(), session.any_rank(flag)
 
 so both frameworks get the same checkpoints, the same error messages and the same
 callbacks (`on_step(StepInfo)`, `on_checkpoint(path)`, `on_sample(step, ema_weights, plan)`).
+
+The loop never waits for the device between log steps: reading a loss back would stall a
+GPU after every step, which is what bounds small models on big GPUs. Losses and gradient
+norms are read every `log_every` steps (and before a checkpoint, an evaluation or a sample
+grid), then reported step by step in order; the finite guard names the first bad step, and
+no checkpoint is written after it.
 """
 
 from __future__ import annotations
@@ -262,6 +272,33 @@ def eval_times(batch: int) -> np.ndarray:
     return ((np.arange(batch) + 0.5) / batch).astype(np.float32)
 
 
+# The most a session copies to its device to hold a whole pixel dataset there when
+# TrainConfig.device_data is left to decide (None).
+DEVICE_DATA_LIMIT = 2 << 30
+
+
+def keeps_data_on_device(plan: RunPlan) -> bool:
+    """Should the session hold the training set (uint8 images and the condition table) on its
+    device and gather each batch there? TrainConfig.device_data says; None: whenever the set
+    is an in-memory image dataset with its conditions and fits DEVICE_DATA_LIMIT bytes.
+    A latent cache streams its shards from disk (and its tokens go through the text encoder)."""
+    flag = plan.train_config.device_data
+    images = getattr(plan.dataset, "images", None)
+    possible = plan.embeddings is not None and isinstance(images, np.ndarray)
+    if flag is None:
+        return possible and images.nbytes + plan.embeddings.nbytes <= DEVICE_DATA_LIMIT
+    if flag and not possible:
+        raise MlxflowError("device_data needs an image dataset held in memory; "
+                           f"{getattr(plan.dataset, 'path', 'this data')} is streamed (a latent cache)")
+    return bool(flag)
+
+
+def read_scalars(session, values: list) -> list[float]:
+    """Host floats of the scalars session.step returned (a session without `read` returns floats)."""
+    read = getattr(session, "read", None)
+    return read(values) if read is not None and values else [float(v) for v in values]
+
+
 def check_finite(step: int, loss: float, grad_norm: float, last_good: Path | None) -> None:
     """Stop a run whose loss or gradient norm is not finite, naming the last good checkpoint."""
     if math.isfinite(loss) and math.isfinite(grad_norm):
@@ -323,8 +360,13 @@ def run_training(plan: RunPlan, session, *, framework: str,
     if session.rank == 0:
         for note in plan.notes:
             say(note)
-    batches = plan.dataset.batches(cfg.batch_size, cfg.seed, start=plan.data_position, flip=cfg.flip,
-                                   embeddings=plan.embeddings)
+    if getattr(session, "resident", False):
+        from .data.dataset import index_batches
+
+        batches = index_batches(len(plan.dataset), cfg.batch_size, cfg.seed, start=plan.data_position, flip=cfg.flip)
+    else:
+        batches = plan.dataset.batches(cfg.batch_size, cfg.seed, start=plan.data_position, flip=cfg.flip,
+                                       embeddings=plan.embeddings)
     position = plan.data_position
     last_good = plan.last_good
     losses: list[float] = []
@@ -365,6 +407,12 @@ def run_training(plan: RunPlan, session, *, framework: str,
         # (eval_times): its loss curve moves only when the model does.
         eval_batch = next(plan.dataset.batches(cfg.batch_size, cfg.seed + 1, embeddings=plan.embeddings))
 
+    window = max(cfg.log_every, 1)
+    pending: list[tuple[int, float, object, object]] = []  # (step, lr, loss, grad_norm) not read back yet
+
+    def due(every: int) -> bool:
+        return bool(every) and step % every == 0 and step < cfg.steps
+
     interrupted = False
     with graceful_interrupt(say if session.rank == 0 else None) as stop:
         tic = time.perf_counter()
@@ -373,28 +421,37 @@ def run_training(plan: RunPlan, session, *, framework: str,
             position += cfg.grad_accum
             lr = lr_at(step, cfg)
             loss, grad_norm = session.step(step, micro, lr)
-            check_finite(step + 1, loss, grad_norm, last_good)
-            losses.append(loss)
             step += 1
+            pending.append((step, lr, loss, grad_norm))
+            # Every rank stops at the same steps (the stop check below is a collective).
+            if not (step % window == 0 or step == cfg.steps or due(cfg.eval_every) or due(cfg.ckpt_every)
+                    or due(cfg.sample_every)):
+                continue
+            # One read-back for the window; its wall time over its images is the trainer's
+            # img/s (checkpoints, evaluation and grids land in the next window's time).
+            values = read_scalars(session, [p[2] for p in pending] + [p[3] for p in pending])
             now = time.perf_counter()
-            info = StepInfo(step, cfg.steps, loss, lr, grad_norm, cfg.batch_size * cfg.grad_accum / max(now - tic, 1e-9))
-            if on_step and session.rank == 0:
-                on_step(info)
-            if log is not None and (step % max(cfg.log_every, 1) == 0 or step == cfg.steps):
-                log.write("train", step, loss=loss, lr=lr, grad_norm=grad_norm, img_per_s=info.img_per_s)
+            img_per_s = cfg.batch_size * cfg.grad_accum * len(pending) / max(now - tic, 1e-9)
+            tic = now
+            for (at, at_lr, _, _), loss_v, norm_v in zip(pending, values, values[len(pending):]):
+                check_finite(at, loss_v, norm_v, last_good)
+                losses.append(loss_v)
+                if on_step and session.rank == 0:
+                    on_step(StepInfo(at, cfg.steps, loss_v, at_lr, norm_v, img_per_s))
+                if log is not None and (at % window == 0 or at == cfg.steps):
+                    log.write("train", at, loss=loss_v, lr=at_lr, grad_norm=norm_v, img_per_s=img_per_s)
+            pending.clear()
             if eval_batch is not None and step % cfg.eval_every == 0:
                 metrics = session.evaluate(eval_batch)
                 if on_eval is not None:
                     metrics.update(on_eval(step, session.ema_weights(), plan) or {})
                 log.write("eval", step, **metrics)
-            tic = now
             if session.any_rank(stop.requested) and step < cfg.steps:
                 interrupted = True
                 break
-            if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
+            if due(cfg.ckpt_every):
                 final = save(step)
-            if on_sample and session.rank == 0 and cfg.sample_every and step % cfg.sample_every == 0 \
-                    and step < cfg.steps:
+            if on_sample and session.rank == 0 and due(cfg.sample_every):
                 on_sample(step, session.ema_weights(), plan)
         if step > plan.start_step and (final is None or final.name != f"step-{step:07d}"):
             final = save(step)

@@ -117,3 +117,33 @@ def test_resume_across_epoch_boundaries(flip):
         resumed = ds.batches(3, seed=5, start=start, flip=flip, embeddings=emb)
         for want in full[start:]:
             _assert_same(next(resumed), want)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_index_batches_name_the_rows_the_host_stream_delivers(flip):
+    """A trainer holding the set on its device gathers index_batches' rows: they must be the
+    host stream's, batch for batch, from any resume position and across epochs."""
+    from mlxflow.data.dataset import index_batches
+
+    ds = _dataset(10)
+    host = ds.batches(3, seed=5, flip=flip)
+    full = [next(host) for _ in range(12)]
+    for start in (0, 2, 7):
+        rows = index_batches(len(ds), 3, seed=5, start=start, flip=flip)
+        for want in full[start:]:
+            got = next(rows)
+            assert np.array_equal(got["index"], want["index"])
+            image = ds.images[got["index"]].astype(np.float32) / 127.5 - 1.0
+            if flip:
+                image[got["flip"]] = image[got["flip"], :, ::-1]
+            else:
+                assert "flip" not in got
+            assert np.array_equal(image, want["image"])
+
+
+def test_index_batches_refuse_a_batch_larger_than_the_set():
+    from mlxflow.data.dataset import index_batches
+    from mlxflow.errors import MlxflowError
+
+    with pytest.raises(MlxflowError, match="batch size 8 does not fit a dataset of 5 samples"):
+        next(index_batches(5, 8, seed=0))

@@ -177,3 +177,52 @@ def test_cuda_speed_options_default_off_on_cpu_and_can_be_forced(tmp_path, shape
     np.testing.assert_allclose(fused["losses"], plain["losses"], rtol=1e-4)
     r = benchmark_torch(micro_config, batch_size=4, family="emoji", steps=1, warmup=1)
     assert r["compile"] is False and r["fused_adamw"] is False
+
+
+def test_device_resident_data_and_deferred_reads_change_no_number(tmp_path, shapes_dataset, micro_config):
+    """The fast path (set held on the device, batches gathered by index, losses read back
+    every log_every steps) trains exactly the run the host stream with per-step reads does:
+    same batches, same flips, same noise, bitwise-equal losses and weights on the CPU."""
+    ds, emb = shapes_dataset
+    runs = {}
+    for name, device_data, log_every in (("host", False, 1), ("fast", True, 4)):
+        seen = []
+        cfg = quick_train_config(steps=7, grad_accum=2, flip=True, ckpt_every=5, device_data=device_data,
+                                 log_every=log_every)
+        out = train_torch(tmp_path / name, ds, micro_config, cfg, family="emoji", embeddings=emb, on_step=seen.append)
+        runs[name] = (out, seen, load_checkpoint(tmp_path / name, with_optimizer=True))
+    (host, host_seen, a), (fast, fast_seen, b) = runs["host"], runs["fast"]
+    assert fast["losses"] == host["losses"] and len(fast["losses"]) == 7
+    assert [(s.step, s.loss, s.grad_norm, s.lr) for s in fast_seen] == [(s.step, s.loss, s.grad_norm, s.lr)
+                                                                        for s in host_seen]
+    for tree_a, tree_b in ((a.weights, b.weights), (a.ema, b.ema), (a.optimizer, b.optimizer)):
+        assert all(np.array_equal(tree_a[k], tree_b[k]) for k in tree_a)
+    # Deferred reads still stop at the checkpoint step, so it holds that step's weights.
+    assert [p.name for p in list_checkpoints(tmp_path / "fast")] == ["step-0000005", "step-0000007"]
+
+
+def test_nan_is_caught_at_its_step_when_losses_are_read_in_windows(tmp_path, shapes_dataset, micro_config):
+    ds, emb = shapes_dataset
+    train_torch(tmp_path / "run", ds, micro_config, quick_train_config(steps=3, log_every=5), family="emoji",
+                embeddings=emb)
+    good = list_checkpoints(tmp_path / "run")[-1]
+    with pytest.raises(MlxflowError, match=r"loss became nan at step 4; .*last good checkpoint: .*step-0000003"):
+        train_torch(tmp_path / "run", ds, micro_config, quick_train_config(steps=9, log_every=5), family="emoji",
+                    embeddings=np.full_like(emb, np.nan), resume="latest")
+    assert list_checkpoints(tmp_path / "run") == [good]
+
+
+def test_device_data_on_a_streamed_set_is_one_line(tmp_path, micro_config):
+    from dataclasses import replace
+
+    from mlxflow.trainer import keeps_data_on_device
+
+    class Plan:  # what keeps_data_on_device reads of a RunPlan over a latent cache
+        train_config = quick_train_config(device_data=True)
+        dataset = type("Cache", (), {"path": "cache"})()
+        embeddings = None
+
+    with pytest.raises(MlxflowError, match="device_data needs an image dataset held in memory; cache is streamed"):
+        keeps_data_on_device(Plan)
+    Plan.train_config = replace(Plan.train_config, device_data=None)
+    assert keeps_data_on_device(Plan) is False

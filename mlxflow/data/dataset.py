@@ -91,6 +91,31 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([int(seed), int(epoch)]).permutation(n)
 
 
+def epoch_flips(n: int, seed: int, epoch: int) -> np.ndarray:
+    """bool (n,) indexed by sample index: flip that sample in ``epoch``?"""
+    # The trailing 1 keeps this stream independent of the permutation's.
+    return np.random.default_rng([int(seed), int(epoch), 1]).random(n) < 0.5
+
+
+def index_batches(n: int, batch_size: int, seed: int, start: int = 0, flip: bool = False) -> Iterator[dict]:
+    """The sample indices of the batches ``ImageTextDataset.batches`` yields, without the data:
+    ``{"index": int64 (B,)}`` plus ``"flip": bool (B,)`` when ``flip``. A trainer that keeps
+    the whole set on its device gathers these rows there, in the same order a host stream
+    would deliver them, so both feed a run identical batches and resume at the same place."""
+    nb = n // batch_size
+    if batch_size < 1 or nb < 1:
+        raise MlxflowError(f"batch size {batch_size} does not fit a dataset of {n} samples")
+    epoch, skip = divmod(int(start), nb)
+    while True:
+        order = epoch_order(n, seed, epoch)[skip * batch_size: nb * batch_size]
+        flips = epoch_flips(n, seed, epoch) if flip else None
+        skip = 0
+        for rows in order.reshape(-1, batch_size):
+            rows = rows.astype(np.int64)
+            yield {"index": rows} if flips is None else {"index": rows, "flip": flips[rows]}
+        epoch += 1
+
+
 def subset_dataset_folder(src_dir, out_dir, captions: list[str], overwrite: bool = False) -> Path:
     """A dataset folder holding only the samples of `src_dir` with these captions (in this
     order; the first sample of each caption): e.g. the dozen emoji a demo shows."""
@@ -221,8 +246,7 @@ class ImageTextDataset:
 
     def epoch_flips(self, seed: int, epoch: int) -> np.ndarray:
         """bool (N,) indexed by sample index: flip that sample in ``epoch``?"""
-        # The trailing 1 keeps this stream independent of the permutation's.
-        return np.random.default_rng([int(seed), int(epoch), 1]).random(len(self)) < 0.5
+        return epoch_flips(len(self), seed, epoch)
 
     def batches(
         self,
