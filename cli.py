@@ -248,7 +248,7 @@ def cmd_bench(args) -> int:
         if args.trainer:
             with console.status(f"timing the {fw} trainer..."):
                 rows[-1].update(api.bench_trainer(args.family, args.preset, rows[-1]["batch_size"], args.steps,
-                                                  data=args.data, **kw))
+                                                  data=args.data, device_data=args.device_data, **kw))
     title = "largest batch that fits (up to --max-batch)" if auto else f"batch {args.batch_size}"
     table = Table(title=f"{args.family}/{args.preset or 'default'} train step, {title}")
     for col in ("framework", "device", "batch", "img/s", "trainer img/s", "peak MB", "params", "GFLOP/img fwd",
@@ -508,6 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time the whole trainer (data, step, EMA, syncs) beside the bare step")
     b.add_argument("--data", help="(--trainer) dataset folder or latent cache (default: random images; "
                                   "dit needs a cache)")
+    b.add_argument("--device-data", action=argparse.BooleanOptionalAction,
+                   help="(--trainer) hold the set on the device (default: the trainer's choice: when it fits)")
     b.add_argument("--steps", type=int, default=10)
     b.add_argument("--framework", choices=["mlx", "torch", "both"], default="both",
                    help="both (default) times MLX and torch on the same preset and batch")

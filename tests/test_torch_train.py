@@ -226,3 +226,13 @@ def test_device_data_on_a_streamed_set_is_one_line(tmp_path, micro_config):
         keeps_data_on_device(Plan)
     Plan.train_config = replace(Plan.train_config, device_data=None)
     assert keeps_data_on_device(Plan) is False
+
+
+@pytest.mark.parametrize("framework", ["mlx", "torch"])
+def test_trainer_bench_times_a_window_with_either_data_path(framework):
+    from mlxflow import api
+
+    for device_data in (False, True):
+        row = api.bench_trainer("emoji", "tiny", batch_size=4, steps=2, warmup=1, framework=framework,
+                                device_data=device_data)
+        assert np.isfinite(row["trainer_img_per_s"]) and row["trainer_img_per_s"] > 0
