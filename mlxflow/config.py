@@ -88,7 +88,7 @@ class TrainConfig:
     flip: bool = False  # horizontal flips; off for emoji, many of which are directional
     max_samples: int = 0  # train on the first N samples only (0 = all); the DiT overfit check uses 4,096
     seed: int = 0
-    log_every: int = 10
+    log_every: int = 10  # steps between run-log records, and between read-backs of the loss from the device
     ckpt_every: int = 500
     keep_checkpoints: int = 3
     keep_every: int = 0  # also keep every checkpoint at a multiple of this step (0 = only the recent ones)

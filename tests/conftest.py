@@ -72,6 +72,29 @@ def quick_train_config(**overrides) -> TrainConfig:
     return TrainConfig(**{**base, **overrides})
 
 
+def assert_fast_path_changes_no_number(trainer, tmp_path, dataset, embeddings, model_config):
+    """Train 7 steps twice with `trainer` (train.train or train_torch.train_torch): through the
+    host stream with a read-back every step, and with the set held on the device and losses
+    read every 4 steps. Same batches, flips and noise: bitwise-equal reports and checkpoints."""
+    from mlxflow.checkpoint import list_checkpoints, load_checkpoint
+
+    runs = []
+    for name, device_data, log_every in (("host", False, 1), ("fast", True, 4)):
+        seen = []
+        cfg = quick_train_config(steps=7, grad_accum=2, flip=True, ckpt_every=5, device_data=device_data,
+                                 log_every=log_every)
+        out = trainer(tmp_path / name, dataset, model_config, cfg, family="emoji", embeddings=embeddings,
+                      on_step=seen.append)
+        runs.append((out["losses"], [(s.step, s.loss, s.grad_norm, s.lr) for s in seen],
+                     load_checkpoint(tmp_path / name, with_optimizer=True)))
+    (host_losses, host_seen, a), (fast_losses, fast_seen, b) = runs
+    assert fast_losses == host_losses and fast_seen == host_seen and len(fast_seen) == 7
+    for tree_a, tree_b in ((a.weights, b.weights), (a.ema, b.ema), (a.optimizer, b.optimizer)):
+        assert tree_a.keys() == tree_b.keys() and all(np.array_equal(tree_a[k], tree_b[k]) for k in tree_a)
+    # Deferred reads still stop at the checkpoint step, so it holds that step's weights.
+    assert [p.name for p in list_checkpoints(tmp_path / "fast")] == ["step-0000005", "step-0000007"]
+
+
 def caption_code_encoder(spec: str, captions: list[str], embeddings: np.ndarray):
     """A text encoder that returns the synthetic set's caption codes (zeros for unknown text)."""
     from mlxflow.models.text import TextEncoder

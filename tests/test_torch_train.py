@@ -11,7 +11,7 @@ from mlxflow.checkpoint import list_checkpoints, load_checkpoint  # noqa: E402
 from mlxflow.errors import MlxflowError  # noqa: E402
 from mlxflow.train_torch import benchmark_torch, flow_matching_loss, train_torch  # noqa: E402
 
-from conftest import quick_train_config  # noqa: E402
+from conftest import assert_fast_path_changes_no_number, quick_train_config  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -180,25 +180,9 @@ def test_cuda_speed_options_default_off_on_cpu_and_can_be_forced(tmp_path, shape
 
 
 def test_device_resident_data_and_deferred_reads_change_no_number(tmp_path, shapes_dataset, micro_config):
-    """The fast path (set held on the device, batches gathered by index, losses read back
-    every log_every steps) trains exactly the run the host stream with per-step reads does:
-    same batches, same flips, same noise, bitwise-equal losses and weights on the CPU."""
-    ds, emb = shapes_dataset
-    runs = {}
-    for name, device_data, log_every in (("host", False, 1), ("fast", True, 4)):
-        seen = []
-        cfg = quick_train_config(steps=7, grad_accum=2, flip=True, ckpt_every=5, device_data=device_data,
-                                 log_every=log_every)
-        out = train_torch(tmp_path / name, ds, micro_config, cfg, family="emoji", embeddings=emb, on_step=seen.append)
-        runs[name] = (out, seen, load_checkpoint(tmp_path / name, with_optimizer=True))
-    (host, host_seen, a), (fast, fast_seen, b) = runs["host"], runs["fast"]
-    assert fast["losses"] == host["losses"] and len(fast["losses"]) == 7
-    assert [(s.step, s.loss, s.grad_norm, s.lr) for s in fast_seen] == [(s.step, s.loss, s.grad_norm, s.lr)
-                                                                        for s in host_seen]
-    for tree_a, tree_b in ((a.weights, b.weights), (a.ema, b.ema), (a.optimizer, b.optimizer)):
-        assert all(np.array_equal(tree_a[k], tree_b[k]) for k in tree_a)
-    # Deferred reads still stop at the checkpoint step, so it holds that step's weights.
-    assert [p.name for p in list_checkpoints(tmp_path / "fast")] == ["step-0000005", "step-0000007"]
+    """The fast path (set held on the device, batches gathered by index, noise drawn there,
+    losses read back every log_every steps) trains exactly the host stream's run."""
+    assert_fast_path_changes_no_number(train_torch, tmp_path, *shapes_dataset, micro_config)
 
 
 def test_nan_is_caught_at_its_step_when_losses_are_read_in_windows(tmp_path, shapes_dataset, micro_config):

@@ -9,7 +9,7 @@ from mlxflow.checkpoint import list_checkpoints, load_checkpoint, save_checkpoin
 from mlxflow.errors import MlxflowError
 from mlxflow.train import train
 
-from conftest import quick_train_config
+from conftest import assert_fast_path_changes_no_number, quick_train_config
 
 
 def test_loss_falls_on_tiny_data(tmp_path, shapes_dataset, micro_config):
@@ -146,19 +146,8 @@ def test_wrong_checkpoint_is_refused(tmp_path, micro_config):
 
 def test_device_resident_data_and_deferred_reads_change_no_number(tmp_path, shapes_dataset, micro_config):
     """MLX's fast path (one uint8 array gathered by index, asynchronous steps, losses read every
-    log_every steps) trains the run the host stream with per-step reads does."""
-    ds, emb = shapes_dataset
-    runs = {}
-    for name, device_data, log_every in (("host", False, 1), ("fast", True, 4)):
-        seen = []
-        cfg = quick_train_config(steps=7, grad_accum=2, flip=True, ckpt_every=5, device_data=device_data,
-                                 log_every=log_every)
-        out = train(tmp_path / name, ds, micro_config, cfg, family="emoji", embeddings=emb, on_step=seen.append)
-        runs[name] = (out, [(s.step, s.loss, s.grad_norm) for s in seen], load_checkpoint(tmp_path / name))
-    (host, host_seen, a), (fast, fast_seen, b) = runs["host"], runs["fast"]
-    assert fast["losses"] == host["losses"] and fast_seen == host_seen and len(fast_seen) == 7
-    assert all(np.array_equal(a.weights[k], b.weights[k]) for k in a.weights)
-    assert [p.name for p in list_checkpoints(tmp_path / "fast")] == ["step-0000005", "step-0000007"]
+    log_every steps) trains exactly the host stream's run."""
+    assert_fast_path_changes_no_number(train, tmp_path, *shapes_dataset, micro_config)
 
 
 def test_nan_is_caught_at_its_step_when_losses_are_read_in_windows(tmp_path, shapes_dataset, micro_config):
