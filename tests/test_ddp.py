@@ -37,8 +37,9 @@ def test_two_ranks_match_single_process(tmp_path):
 
     ds, emb = make_shapes_dataset(tmp_path / "data")
     np.save(tmp_path / "emb.npy", emb)
-    # Global batch 8 (4 rows per rank), 2 micro-batches per step so no_sync is exercised.
-    cfg = dict(steps=4, batch_size=8, grad_accum=2, ckpt_every=0)
+    # Global batch 8 (4 rows per rank), 2 micro-batches per step so no_sync is exercised;
+    # losses are read back at steps 3 and 4 only, where both ranks meet for the stop check.
+    cfg = dict(steps=4, batch_size=8, grad_accum=2, ckpt_every=0, log_every=3)
     mp.spawn(ddp_worker.run_rank, nprocs=2, join=True,
              args=(2, free_port(), str(tmp_path / "ddp"), str(tmp_path / "data"), str(tmp_path / "emb.npy"),
                    cfg, {}, str(tmp_path)))
