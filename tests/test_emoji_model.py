@@ -95,7 +95,7 @@ def test_appending_padding_rows_changes_nothing():
     longer = np.concatenate([text, np.zeros((3, 5, 8), np.float32)], axis=1)
     # Masked keys add exact zeros, but a longer key axis may be reduced in another order
     # (the BLAS picks its blocking by shape), so agreement is to rounding, not bitwise.
-    np.testing.assert_allclose(np.asarray(model(x, t, mx.array(longer))), y, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(model(x, t, mx.array(longer))), y, rtol=0, atol=1e-5)
     # Reordering zero rows among the real ones is no change of tokens either (no positions in the keys).
     shuffled = text[:, [0, 3, 1, 2]]
     assert np.allclose(np.asarray(model(x, t, mx.array(shuffled))), y, atol=1e-5)
