@@ -119,7 +119,9 @@ EMOJI_PRESETS: dict[str, dict] = {
 }
 
 EMOJI_TRAIN_PRESETS: dict[str, dict] = {
-    "tiny": dict(steps=400, batch_size=16, lr=5e-3, warmup_steps=50, ema_decay=0.99, ckpt_every=200,
+    # lr 2e-3: on 128 emoji (800 steps at batch 16) prompt fidelity 0.879 / 0.891 (two seeds)
+    # against 0.730 / 0.629 at 5e-3 and 0.875 at 1e-3.
+    "tiny": dict(steps=400, batch_size=16, lr=2e-3, warmup_steps=50, ema_decay=0.99, ckpt_every=200,
                  sample_steps=20),
     "default": dict(steps=20000, batch_size=32, lr=3e-4, warmup_steps=500, ema_decay=0.999),
     "seed": dict(steps=60000, batch_size=32, lr=1e-4, warmup_steps=500, ema_decay=0.999),
