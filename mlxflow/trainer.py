@@ -20,8 +20,8 @@ callbacks (`on_step(StepInfo)`, `on_checkpoint(path)`, `on_sample(step, ema_weig
 The loop never waits for the device between log steps: reading a loss back would stall a
 GPU after every step, which is what bounds small models on big GPUs. Losses and gradient
 norms are read every `log_every` steps (and before a checkpoint, an evaluation or a sample
-grid), then reported step by step in order; the finite guard names the first bad step, and
-no checkpoint is written after it.
+grid; alone, also once a second on a slow device), then reported step by step in order;
+the finite guard names the first bad step, and no checkpoint is written after it.
 """
 
 from __future__ import annotations
@@ -334,7 +334,7 @@ def graceful_interrupt(on_message: Callable[[str], None] | None = None):
             raise KeyboardInterrupt
         flag.requested = True
         if on_message:
-            on_message("stopping after this step and saving a checkpoint (Ctrl-C again to stop at once)")
+            on_message("stopping at the next step report and saving a checkpoint (Ctrl-C again to stop at once)")
 
     signal.signal(signal.SIGINT, handler)
     try:
@@ -423,9 +423,11 @@ def run_training(plan: RunPlan, session, *, framework: str,
             loss, grad_norm = session.step(step, micro, lr)
             step += 1
             pending.append((step, lr, loss, grad_norm))
-            # Every rank stops at the same steps (the stop check below is a collective).
+            # Every rank stops at the same steps (the stop check below is a collective). A single
+            # process also reads back once a window has run for a second: on a device that slow
+            # waiting costs nothing, and progress and Ctrl-C stay prompt.
             if not (step % window == 0 or step == cfg.steps or due(cfg.eval_every) or due(cfg.ckpt_every)
-                    or due(cfg.sample_every)):
+                    or due(cfg.sample_every) or (session.world == 1 and time.perf_counter() - tic >= 1.0)):
                 continue
             # One read-back for the window; its wall time over its images is the trainer's
             # img/s (checkpoints, evaluation and grids land in the next window's time).

@@ -71,7 +71,7 @@ def test_ctrl_c_stops_at_a_step_boundary_saves_and_says_how_to_resume(data, tmp_
     proc.send_signal(signal.SIGINT)
     code, err = finish(proc, lines)
     assert code == 130, err[-2000:]
-    assert "stopping after this step and saving a checkpoint" in err
+    assert "stopping at the next step report and saving a checkpoint" in err
     step = checkpoint_step(list_checkpoints(run)[-1])
     assert step >= 3 and f"interrupted at step {step}: checkpoint {run / f'step-{step:07d}'}" in err
     assert f"resume with: mlxflow train emoji --data {data} --out {run} --resume latest --steps 100000" in err

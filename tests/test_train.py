@@ -158,3 +158,24 @@ def test_nan_is_caught_at_its_step_when_losses_are_read_in_windows(tmp_path, sha
         train(tmp_path / "run", ds, micro_config, quick_train_config(steps=9, log_every=5), family="emoji",
               embeddings=np.full_like(emb, np.nan), resume="latest")
     assert list_checkpoints(tmp_path / "run") == [good]
+
+
+@pytest.mark.parametrize("seconds_per_step,reads", [(0.0, [10]), (2.0, [2] * 5)])
+def test_losses_are_read_per_window_or_once_a_slow_window_passes_a_second(
+        monkeypatch, tmp_path, shapes_dataset, micro_config, seconds_per_step, reads):
+    """With log_every 100 and 5 steps: a fast device is read once, at the end (5 losses + 5
+    norms); when every window takes two seconds, each step is read as it ends."""
+    import itertools
+    import types
+
+    from mlxflow import trainer
+    from mlxflow.train import MLXSession
+
+    clock = itertools.count(0.0, seconds_per_step)
+    monkeypatch.setattr(trainer, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    seen, read = [], MLXSession.read
+    monkeypatch.setattr(MLXSession, "read", lambda self, values: seen.append(len(values)) or read(self, values))
+    ds, emb = shapes_dataset
+    out = train(tmp_path / "run", ds, micro_config, quick_train_config(steps=5, log_every=100, ckpt_every=0),
+                family="emoji", embeddings=emb)
+    assert seen == reads and len(out["losses"]) == 5
