@@ -488,8 +488,8 @@ def bench_trainer(family: str, preset: str | None = None, batch_size: int = 32, 
                   data=None, device_data: bool | None = None) -> dict:
     """The whole trainer's throughput (data pipeline, condition lookup, step, EMA, read-backs,
     logging) on `data` (a dataset folder or latent cache) or, for pixel families, random
-    images: img/s as the trainer reports it over a window of `steps` steps (its log
-    interval), after at least `warmup` steps (whole windows) of warm-up.
+    images: img/s as the trainer reports it over the last `steps` steps (its log interval),
+    after at least `warmup` steps (whole windows) of warm-up.
     device_data: TrainConfig.device_data (None: the trainer's choice)."""
     import tempfile
 
@@ -513,9 +513,9 @@ def bench_trainer(family: str, preset: str | None = None, batch_size: int = 32, 
         images = rng.integers(0, 256, (n, h, w, c), dtype=np.uint8)
         data = ImageTextDataset(Path("random"), images, ["x"] * n, {"kind": "emoji"})
         embeddings = random_table(kind_of(fam, mcfg), n, mcfg, rng)
-    speeds: list[float] = []
+    speeds: list[tuple[int, float]] = []  # (step, img/s of the read-back window holding it)
     with tempfile.TemporaryDirectory() as run:
-        kw = dict(family=family, embeddings=embeddings, on_step=lambda info: speeds.append(info.img_per_s),
+        kw = dict(family=family, embeddings=embeddings, on_step=lambda info: speeds.append((info.step, info.img_per_s)),
                   on_message=lambda msg: None)
         if framework == "mlx":
             from .train import train
@@ -525,8 +525,11 @@ def bench_trainer(family: str, preset: str | None = None, batch_size: int = 32, 
             from .train_torch import train_torch
 
             train_torch(run, data, mcfg, tcfg, device=device, **kw)
-    # Every step of a window reports the window's rate: the last one is the timed window.
-    return {"trainer_img_per_s": float(speeds[-1]) if speeds else float("nan")}
+    # Every step reports the rate of its read-back window (log_every steps, or fewer on a slow
+    # device); the warm-up ends on a window boundary, so the timed steps' total time is the
+    # sum of their per-step times.
+    timed = [rate for step, rate in speeds if step > (windows - 1) * steps]
+    return {"trainer_img_per_s": len(timed) / sum(1.0 / r for r in timed) if timed else float("nan")}
 
 
 def _free_memory(framework: str) -> None:
