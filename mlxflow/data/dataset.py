@@ -266,7 +266,7 @@ class ImageTextDataset:
         ``prefetch`` is ignored (kept for compatibility): batches are gathered on the
         caller's thread, with no prefetch threads (see ``_iterate``).
         """
-        nb = self.batches_per_epoch(batch_size)
+        self.batches_per_epoch(batch_size)  # one line for a batch the set cannot fill
         if start < 0:
             raise MlxflowError(f"start must be >= 0, got {start}")
         if embeddings is not None:
@@ -276,9 +276,9 @@ class ImageTextDataset:
                 raise MlxflowError(
                     f"conditions {embeddings.shape} do not match {len(self)} captions"
                 )
-        return self._iterate(batch_size, nb, int(seed), int(start), flip, embeddings, prefetch)
+        return self._iterate(batch_size, int(seed), int(start), flip, embeddings, prefetch)
 
-    def _iterate(self, batch_size, nb, seed, start, flip, embeddings, prefetch):
+    def _iterate(self, batch_size, seed, start, flip, embeddings, prefetch):
         import mlx.data as dx
 
         # Cause of the old epoch-boundary hang (read in mlx-data's source, tag v0.1.0, same on
@@ -298,23 +298,15 @@ class ImageTextDataset:
         buffer = dx.buffer_from_vector(
             [{"image": img, "index": np.array(i, np.int64)} for i, img in enumerate(self.images)]
         )
-        epoch, skip = divmod(start, nb)
-        while True:
-            order = self.epoch_order(seed, epoch)[: nb * batch_size]
-            order = order[skip * batch_size :]  # resume mid-epoch by slicing, not by replaying
-            skip = 0
-            flips = self.epoch_flips(seed, epoch) if flip else None
-            # Whole batches only (order is a multiple of batch_size), so every batch is full.
-            epoch_batches = buffer.perm(order.tolist()).batch(batch_size)
-            for i in range(epoch_batches.size()):
-                item = epoch_batches[i]
-                index = np.asarray(item["index"], np.int64)
-                image = np.asarray(item["image"], np.float32) / 127.5 - 1.0
-                if flips is not None:
-                    f = flips[index]
-                    image[f] = image[f, :, ::-1]
-                batch = {"image": image, "index": index}
-                if embeddings is not None:
-                    batch["text"] = embeddings[index]
-                yield batch
-            epoch += 1
+        # The order (epochs, resume position, flips) is index_batches', the one a trainer that
+        # holds the set on its device follows; mlx-data gathers each batch's rows.
+        for rows in index_batches(len(self), batch_size, seed, start, flip):
+            item = buffer.perm(rows["index"].tolist()).batch(batch_size)[0]
+            index = np.asarray(item["index"], np.int64)
+            image = np.asarray(item["image"], np.float32) / 127.5 - 1.0
+            if flip:
+                image[rows["flip"]] = image[rows["flip"], :, ::-1]
+            batch = {"image": image, "index": index}
+            if embeddings is not None:
+                batch["text"] = embeddings[index]
+            yield batch

@@ -546,23 +546,20 @@ class LatentCache:
         if flip:
             # A mirrored image's latent is not the mirrored latent (the VAE is not equivariant).
             raise MlxflowError("flip is not supported on a latent cache (flipping latents is not flipping images)")
-        nb = self.batches_per_epoch(batch_size)
+        self.batches_per_epoch(batch_size)  # one line for a batch the cache cannot fill
         if start < 0:
             raise MlxflowError(f"start must be >= 0, got {start}")
         if embeddings is not None:
             embeddings = np.asarray(embeddings)
             if embeddings.ndim == 0 or len(embeddings) != len(self):
                 raise MlxflowError(f"conditions {embeddings.shape} do not match {len(self)} cached samples")
-        return self._iterate(int(batch_size), nb, int(seed), int(start), embeddings)
+        return self._iterate(int(batch_size), int(seed), int(start), embeddings)
 
-    def _iterate(self, batch_size, nb, seed, start, embeddings):
-        epoch, skip = divmod(start, nb)
-        while True:
-            order = self.epoch_order(seed, epoch)[: nb * batch_size]
-            for i in range(skip, nb):
-                batch = self.gather(order[i * batch_size : (i + 1) * batch_size])
-                if embeddings is not None:
-                    batch["text"] = embeddings[batch["index"]]
-                yield batch
-            skip = 0
-            epoch += 1
+    def _iterate(self, batch_size, seed, start, embeddings):
+        from .dataset import index_batches
+
+        for rows in index_batches(len(self), batch_size, seed, start):
+            batch = self.gather(rows["index"])
+            if embeddings is not None:
+                batch["text"] = embeddings[batch["index"]]
+            yield batch
