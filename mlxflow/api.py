@@ -157,7 +157,7 @@ def train_model(family: str, data_dir, out_dir, *, preset: str | None = None, st
         grid = sample_grid(model, grid_conditions(plan, picks), steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg, seed=0,
                            noise_scale=cfg.noise_scale, solver=fam.sample_defaults["solver"],
                            interval=fam.sample_defaults["cfg_interval"],
-                           shift=fam.sample_defaults.get("shift", 1.0))
+                           shift=default_shift(fam.sample_defaults, fam.sample_defaults["solver"]))
         path = save_png(grid, samples_dir / f"step-{step:07d}.png")
         if on_sample:
             on_sample(step, path)
@@ -175,7 +175,7 @@ def train_model(family: str, data_dir, out_dir, *, preset: str | None = None, st
         return {"fid": fid_of_model(model, fam, plan.model_config, plan.dataset, data_dir, n=cfg.eval_samples,
                                     text_encoder=plan.condition_encoder or plan.text_encoder, steps=cfg.sample_steps,
                                     solver=d["solver"], cfg_scale=cfg.sample_cfg, interval=d["cfg_interval"],
-                                    shift=d.get("shift", 1.0), noise_scale=cfg.noise_scale)}
+                                    shift=default_shift(d, d["solver"]), noise_scale=cfg.noise_scale)}
 
     kwargs = dict(family=family, text_encoder=text_encoder, resume=resume, embeddings=None, on_step=on_step,
                   on_checkpoint=on_checkpoint, on_sample=write_samples if sample_prompts else None,

@@ -132,14 +132,14 @@ def dpm2m(velocity: Velocity, x, ts: list[float]) -> Iterator:
 
     previous = None  # (lambda, D) of the last step
     for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
-        sigma, sigma_next = 1.0 - t, 1.0 - t_next
+        sigma, sigma_next, lam_t = 1.0 - t, 1.0 - t_next, lam(t)
         d = x + sigma * velocity(x, t)
         d_step = d
         if previous is not None and math.isfinite(previous[0]) and t_next < 1.0:
-            r = (lam(t) - previous[0]) / (lam(t_next) - lam(t))
+            r = (lam_t - previous[0]) / (lam(t_next) - lam_t)
             d_step = d + (0.5 / r) * (d - previous[1])
         x = (sigma_next / sigma) * x + (t_next - sigma_next * t / sigma) * d_step
-        previous = (lam(t), d)
+        previous = (lam_t, d)
         yield i, t_next, x
 
 

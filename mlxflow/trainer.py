@@ -293,12 +293,6 @@ def keeps_data_on_device(plan: RunPlan) -> bool:
     return bool(flag)
 
 
-def read_scalars(session, values: list) -> list[float]:
-    """Host floats of the scalars session.step returned (a session without `read` returns floats)."""
-    read = getattr(session, "read", None)
-    return read(values) if read is not None and values else [float(v) for v in values]
-
-
 def check_finite(step: int, loss: float, grad_norm: float, last_good: Path | None) -> None:
     """Stop a run whose loss or gradient norm is not finite, naming the last good checkpoint."""
     if math.isfinite(loss) and math.isfinite(grad_norm):
@@ -431,7 +425,7 @@ def run_training(plan: RunPlan, session, *, framework: str,
                 continue
             # One read-back for the window; its wall time over its images is the trainer's
             # img/s (checkpoints, evaluation and grids land in the next window's time).
-            values = read_scalars(session, [p[2] for p in pending] + [p[3] for p in pending])
+            values = session.read([p[2] for p in pending] + [p[3] for p in pending])
             now = time.perf_counter()
             img_per_s = cfg.batch_size * cfg.grad_accum * len(pending) / max(now - tic, 1e-9)
             tic = now
