@@ -1,16 +1,21 @@
-"""`mlxflow` command line: parses arguments, draws progress, calls mlxflow.api. No model logic here."""
+"""`mlxflow` command line: parses arguments, draws progress and tables, calls mlxflow.api. No model logic here.
+
+`python -m mlxflow ...` runs the same commands, and `torchrun ... -m mlxflow train ... --framework
+torch` runs `train` on every rank (rank 0 prints and writes).
+"""
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import time
 import sys
-from pathlib import Path
+import time
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+from mlxflow import api
+from mlxflow.api import MlxflowError
 
 console = Console(stderr=True, soft_wrap=True)
 # Piped or logged output (not a terminal) gets room for the bench and crosscheck tables
@@ -20,7 +25,8 @@ out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
 def _bar(*extra) -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), *extra,
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
+                    disable=not api.is_rank_zero())
 
 
 def _progress_callback(progress: Progress, description: str):
@@ -38,10 +44,6 @@ def _progress_callback(progress: Progress, description: str):
 # --- data ------------------------------------------------------------------------------
 
 def cmd_latents(args) -> int:
-    from mlxflow import api
-
-    from mlxflow.errors import MlxflowError
-
     if not args.src:
         raise MlxflowError("mlxflow data latents: give --src (tar shards, an image folder or a dataset folder)")
     with _bar(TextColumn("{task.fields[skipped]} skipped")) as progress:
@@ -66,8 +68,6 @@ def cmd_latents(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from mlxflow import api
-
     if args.source == "latents":
         return cmd_latents(args)
     encoder = None if args.no_embed else (args.text_encoder or api.DEFAULT_TEXT_ENCODER)
@@ -75,10 +75,11 @@ def cmd_data(args) -> int:
         render, embed = _progress_callback(progress, "render"), _progress_callback(progress, f"embed ({encoder})")
         if args.source == "emoji":
             info = api.build_emoji_data(args.out, size=args.size, font=args.font, limit=args.limit,
-                                        overwrite=args.overwrite, skin_tones=not args.no_skin_tones, text_encoder=encoder, on_render=render, on_embed=embed)
+                                        overwrite=args.overwrite, skin_tones=not args.no_skin_tones,
+                                        text_encoder=encoder, on_render=render, on_embed=embed)
         else:
             if not args.images:
-                raise SystemExit(f"mlxflow data {args.source}: give --images DIR")
+                raise MlxflowError(f"mlxflow data {args.source}: give --images DIR")
             if args.source == "classes":
                 info = api.import_class_data(args.images, args.out, size=args.size, overwrite=args.overwrite,
                                              on_render=render)
@@ -98,14 +99,13 @@ def cmd_data(args) -> int:
 # --- train -----------------------------------------------------------------------------
 
 def cmd_train(args) -> int:
-    from mlxflow import api
-
     overrides = {"batch_size": args.batch_size, "lr": args.lr, "grad_accum": args.grad_accum,
                  "bf16": args.bf16, "seed": args.seed, "ckpt_every": args.ckpt_every,
-                 "sample_every": args.sample_every, "log_every": None, "compile": args.compile,
+                 "sample_every": args.sample_every, "compile": args.compile,
                  "fused_adamw": args.fused_adamw, "fused_attention": args.fused_attention,
                  "device_data": args.device_data}
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    embeddings = api.load_embeddings(args.embeddings) if args.embeddings else None
     log_every = args.log_every
     label = "train" if args.framework == "mlx" else f"train ({args.framework})"
     with _bar(TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[speed]} img/s")) as progress:
@@ -114,16 +114,23 @@ def cmd_train(args) -> int:
         def on_step(info):
             progress.update(task, completed=info.step, total=info.total, loss=f"{info.loss:.4f}",
                             lr=f"{info.lr:.2e}", speed=f"{info.img_per_s:.1f}")
-            if not console.is_terminal and (info.step % log_every == 0 or info.step == info.total):
+            if api.is_rank_zero() and not console.is_terminal and (info.step % log_every == 0
+                                                                   or info.step == info.total):
                 # No live bar in logs and CI: print a line now and then instead.
                 console.print(f"step {info.step}/{info.total} loss {info.loss:.4f} lr {info.lr:.2e} "
                               f"{info.img_per_s:.1f} img/s", highlight=False)
 
+        def say(msg):
+            if api.is_rank_zero():
+                progress.console.print(msg, highlight=False)
+
         result = api.train_model(args.family, args.data, args.out, preset=args.preset, steps=args.steps,
                                  resume=args.resume, text_encoder=args.text_encoder, train_overrides=overrides,
-                                 framework=args.framework, device=args.device, on_step=on_step,
-                                 on_message=lambda msg: progress.console.print(msg, highlight=False),
-                                 on_sample=lambda step, path: progress.console.print(f"step {step}: samples {path}"))
+                                 framework=args.framework, device=args.device, embeddings=embeddings,
+                                 on_step=on_step, on_message=say,
+                                 on_sample=lambda step, path: say(f"step {step}: samples {path}"))
+    if not api.is_rank_zero():
+        return 130 if result.interrupted else 0
     if result.interrupted:
         resume = " ".join(["mlxflow", "train", args.family, "--data", args.data, "--out", args.out, "--resume", "latest"]
                           + (["--framework", args.framework] if args.framework != "mlx" else [])
@@ -131,6 +138,9 @@ def cmd_train(args) -> int:
         print(f"interrupted at step {result.steps}: checkpoint {result.checkpoint}\nresume with: {resume}",
               file=sys.stderr)
         return 130
+    loss = result["loss"]
+    out.print(f"done: step {result.steps}" + (f", loss {loss:.4f}" if loss is not None else "")
+              + f", checkpoint {result.checkpoint}")
     out.print(f"checkpoint: {result.checkpoint}")
     return 0
 
@@ -138,48 +148,43 @@ def cmd_train(args) -> int:
 # --- sample ----------------------------------------------------------------------------
 
 def cmd_sample(args) -> int:
-    from mlxflow import api
-
-    defaults = api.sampling_defaults(args.ckpt)
-    steps = args.steps or defaults["steps"]
-    solver = args.solver or defaults["solver"]
-    cfg = args.cfg if args.cfg is not None else defaults["cfg"]
-    interval = tuple(args.cfg_interval) if args.cfg_interval else defaults["cfg_interval"]
-    if args.shift is None:
-        args.shift = api.default_shift(defaults, solver)
     prompts = list(args.prompts) + [str(c) for c in (args.classes or [])]
     tic = time.perf_counter()
+    gen = api.generator(args.ckpt, weights=args.weights, framework=args.framework, device=args.device)
+    settings = gen.defaults.resolve(steps=args.steps, solver=args.solver, cfg=args.cfg, cfg_interval=args.cfg_interval,
+                                    shift=args.shift)
+    if args.classes and gen.kind != "class":
+        raise MlxflowError(f"--class is for class-conditional models; this checkpoint is conditioned on {gen.kind}"
+                           + (" (give text prompts)" if gen.kind == "text" else " (give no prompt)"))
+    if args.prompts and gen.kind == "class":
+        raise MlxflowError("this checkpoint is class-conditional: name classes with --class NAME|INDEX")
     with _bar() as progress:
-        task = progress.add_task(f"sample ({solver})", total=steps)
-        path = api.sample(args.ckpt, prompts, args.output, n=args.n, steps=steps, solver=solver,
-                          cfg_scale=cfg, seed=args.seed, interval=interval, shift=args.shift,
-                          preview_dir=args.preview_dir, preview_every=args.preview_every, weights=args.weights,
-                          framework=args.framework, device=args.device,
+        task = progress.add_task(f"sample ({settings.solver})", total=settings.steps)
+        path = api.sample(gen, prompts, args.output, n=args.n, steps=settings.steps, solver=settings.solver,
+                          cfg_scale=settings.cfg, seed=args.seed, interval=settings.cfg_interval, shift=settings.shift,
+                          preview_dir=args.preview_dir, preview_every=args.preview_every,
                           on_step=lambda i, total: progress.update(task, completed=i))
-    fake = api.random_encoders(args.ckpt)
+    fake = gen.random_encoders()
     if fake:
         out.print(f"note: this model was trained with RANDOM tiny encoders ({', '.join(fake)}): "
                   "its images check the pipeline, they are not meant to look like anything")
     if args.verbose:
-        from mlxflow.sample import model_evals
-
         images = args.n * max(len(prompts), 1)
         took = time.perf_counter() - tic
-        out.print(f"{images} images in {took:.1f} s ({took / images:.2f} s/image, model load included): {solver}, "
-                  f"{steps} steps = {model_evals(steps, solver, cfg)} network evaluations, CFG {cfg:g}, "
-                  f"shift {args.shift:g}, {args.framework}")
+        out.print(f"{images} images in {took:.1f} s ({took / images:.2f} s/image, model load included): "
+                  f"{settings.solver}, {settings.steps} steps = "
+                  f"{api.model_evals(settings.steps, settings.solver, settings.cfg)} network evaluations, "
+                  f"CFG {settings.cfg:g}, shift {settings.shift:g}, {args.framework}")
     out.print(str(path))
     return 0
 
 
 def cmd_fid(args) -> int:
-    from mlxflow import api
-
     with _bar() as progress:
         task = progress.add_task("sample + Inception features", total=None)
-        r = api.fid_score(args.ckpt, args.data, n=args.n, steps=args.steps, solver=args.solver, cfg_scale=args.cfg,
-                          seed=args.seed, shift=args.shift, fid_weights=args.fid_weights,
-                          on_progress=lambda i, total: progress.update(task, completed=i, total=total))
+        r = api.fid(args.ckpt, args.data, n=args.n, steps=args.steps, solver=args.solver, cfg=args.cfg,
+                    seed=args.seed, shift=args.shift, fid_weights=args.fid_weights,
+                    on_progress=lambda i, total: progress.update(task, completed=i, total=total))
     out.print(f"FID {r['fid']:.2f}  ({r['n']} samples vs the first {r['n']} training images; {r['solver']}, "
               f"{r['steps']} steps, shift {r['shift']:g}, CFG {r['cfg']:g}, seed {r['seed']}; step {r['step']}; "
               f"{r['network']})")
@@ -187,137 +192,103 @@ def cmd_fid(args) -> int:
 
 
 def cmd_solvers(args) -> int:
-    from mlxflow import api
-    from mlxflow.errors import MlxflowError
-
-    schedules = []
-    for spec in args.schedule:
-        parts = spec.split(":")
-        try:
-            schedules.append((parts[0], int(parts[1]), float(parts[2]) if len(parts) > 2 else 1.0))
-        except (IndexError, ValueError):
-            raise MlxflowError(f"--schedule wants SOLVER:STEPS[:SHIFT], got '{spec}'") from None
     table = Table(title="solver schedules against a fine reference solve (same noise)")
     for col in ("solver", "steps", "shift", "NFE", "RMSE vs reference", "fidelity"):
         table.add_column(col)
     with console.status("sampling...") as status:
-        rows = api.solver_comparison(args.ckpt, args.prompts, schedules, n=args.n, seed=args.seed, cfg_scale=args.cfg,
-                                     data_dir=args.data,
-                                     on_done=lambda r: status.update(f"{r['solver']} {r['steps']} done"))
+        rows = api.solvers(args.ckpt, args.prompts, args.schedule, n=args.n, seed=args.seed, cfg=args.cfg,
+                           data_dir=args.data, on_done=lambda r: status.update(f"{r['solver']} {r['steps']} done"))
     for r in rows:
         table.add_row(r["solver"], str(r["steps"]), f"{r['shift']:g}", str(r["nfe"]), f"{r['rmse']:.4f}",
                       f"{r['fidelity']:.3f}" if "fidelity" in r else "-")
-    table.caption = (f"reference: rk4 50 steps (200 NFE); {args.n} samples for each of {len(args.prompts)} prompts, "
-                     f"seed {args.seed}; RMSE of images in [0, 1]; NFE per CFG batch")
+    table.caption = (f"reference: rk4 50 steps (200 NFE); {args.n} samples for each of {max(len(args.prompts), 1)} "
+                     f"prompts, seed {args.seed}; RMSE of images in [0, 1]; NFE per CFG batch")
     out.print(table)
     return 0
 
 
 def cmd_plot(args) -> int:
-    from mlxflow.plot import plot_run
-
-    out.print(str(plot_run(args.run, args.out)))
+    out.print(str(api.plot(args.run, args.out)))
     return 0
 
 
 # --- bench / fidelity -------------------------------------------------------------------
 
 def cmd_bench(args) -> int:
-    from mlxflow import api
-    from mlxflow.errors import MlxflowError
-
-    if args.framework == "both" and importlib.util.find_spec("torch") is None:
-        console.print("torch is not installed: timing MLX only (pip install 'mlxflow[torch]' to compare)")
-        args.framework = "mlx"
     frameworks = ["mlx", "torch"] if args.framework == "both" else [args.framework]
-    rows = []
-    auto = args.batch_size == "auto"
-    if not auto and not args.batch_size.isdigit():
-        raise MlxflowError(f"--batch-size must be a number or 'auto', got '{args.batch_size}'")
-    for fw in frameworks:
-        kw = dict(framework=fw, device=args.torch_device if fw == "torch" else None, bf16=args.bf16)
-        with console.status(f"timing {fw} train steps...") as status:
-            if auto:
-                def tried(batch, row, fw=fw):
-                    status.update(f"{fw}: batch {batch} " + (f"{row['img_per_s']:.1f} img/s" if row
-                                                             else "out of memory"))
-                rows.append(api.bench_largest_batch(args.family, args.preset, limit=args.max_batch,
-                                                    on_try=tried, steps=args.steps, **kw))
-            else:
-                rows.append(api.bench(args.family, args.preset, int(args.batch_size), args.steps, **kw))
-        if args.trainer:
-            with console.status(f"timing the {fw} trainer..."):
-                rows[-1].update(api.bench_trainer(args.family, args.preset, rows[-1]["batch_size"], args.steps,
-                                                  data=args.data, device_data=args.device_data, **kw))
-    title = "largest batch that fits (up to --max-batch)" if auto else f"batch {args.batch_size}"
-    table = Table(title=f"{args.family}/{args.preset or 'default'} train step, {title}")
+    with console.status("timing...") as status:
+        result = api.bench(args.family, args.preset, batch_size=args.batch_size, frameworks=frameworks,
+                           steps=args.steps, max_batch=args.max_batch, trainer=args.trainer, data=args.data,
+                           device_data=args.device_data, torch_device=args.torch_device, bf16=args.bf16,
+                           on_status=status.update)
+    table = Table(title=result["title"])
     for col in ("framework", "device", "batch", "img/s", "trainer img/s", "peak MB", "params", "GFLOP/img fwd",
                 "MFU", "trainer MFU", "BLAS"):
         table.add_column(col)
-    for r in rows:
-        flops = r.get("fwd_flops_per_image")
-        trainer = r.get("trainer_img_per_s")
-        trainer_mfu = r["mfu"] * trainer / r["img_per_s"] if r.get("mfu") is not None and trainer else None
-        table.add_row(r["framework"], str(r["device"]), str(r.get("batch_size", args.batch_size)),
-                      f"{r['img_per_s']:.1f}", f"{trainer:.1f}" if trainer else "-", f"{r.get('peak_mem_mb', 0):.0f}",
+    for r in result["rows"]:
+        flops, trainer = r.get("fwd_flops_per_image"), r.get("trainer_img_per_s")
+        table.add_row(r["framework"], str(r["device"]), str(r["batch_size"]), f"{r['img_per_s']:.1f}",
+                      f"{trainer:.1f}" if trainer else "-", f"{r.get('peak_mem_mb', 0):.0f}",
                       f"{r.get('params', 0) / 1e6:.2f}M", f"{flops / 1e9:.2f}" if flops else "-",
                       f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-",
-                      f"{100 * trainer_mfu:.1f}%" if trainer_mfu is not None else "-", r.get("blas", "-"))
+                      f"{100 * r['trainer_mfu']:.1f}%" if r.get("trainer_mfu") is not None else "-", r.get("blas", "-"))
     out.print(table)
-    if any(r.get("fwd_flops_per_image") for r in rows):
-        out.print("FLOPs: 2 x multiply-adds of the matmuls; a training image costs 3 x forward. "
-                  f"MFU: {rows[-1]['mfu_peak']}.")
-    if len(rows) == 2:
-        out.print(f"MLX/torch throughput ratio: {rows[0]['img_per_s'] / rows[1]['img_per_s']:.2f}")
-    if any(r.get("blas") == "reference" for r in rows):
-        from mlxflow.blas import HOW_TO
-
-        out.print(f"note: MLX is using the slow reference BLAS; {HOW_TO}")
+    for note in result["notes"]:
+        out.print(note)
     return 0
 
 
 def cmd_fidelity(args) -> int:
-    from mlxflow import api
-
+    with console.status("sampling..."):
+        rows = api.fidelity(args.ckpt, args.data, k=args.k, n=args.n, prompts=args.prompts or None, seed=args.seed,
+                            steps=args.steps, solver=args.solver, cfg=args.cfg, shift=args.shift,
+                            baseline=args.baseline)
     table = Table(title="prompt fidelity (nearest training image is the prompted one)")
     for col in ("model", "step", "fidelity", "samples", "chance"):
         table.add_column(col)
-    defaults = api.sampling_defaults(args.ckpt)
-    steps, solver = args.steps or defaults["steps"], args.solver or defaults["solver"]
-    cfg = args.cfg if args.cfg is not None else defaults["cfg"]
-    if args.shift is None:
-        args.shift = api.default_shift(defaults, solver)
-    table.caption = f"{solver}, {steps} steps, shift {args.shift:g}, CFG {cfg:g}, {args.n} samples for each of {len(args.prompts) if args.prompts else args.k} prompts, seed {args.seed}"
-    for untrained in ((False, True) if args.baseline else (False,)):
-        with console.status("sampling..."):
-            r = api.prompt_fidelity(args.ckpt, args.data, k=args.k, n=args.n, steps=steps, solver=solver,
-                                    cfg_scale=cfg, seed=args.seed, untrained=untrained,
-                                    interval=defaults["cfg_interval"], shift=args.shift,
-                                    prompts=args.prompts or None)
-        table.add_row("untrained" if untrained else "trained", str(0 if untrained else r["step"]),
-                      f"{r['fidelity']:.3f}", str(r["samples"]), f"{r['chance']:.4f}")
+    for r in rows:
+        table.add_row(r["model"], str(r["step"]), f"{r['fidelity']:.3f}", str(r["samples"]), f"{r['chance']:.4f}")
+    s = rows[0]["settings"]
+    table.caption = (f"{s.solver}, {s.steps} steps, shift {s.shift:g}, CFG {s.cfg:g}, {args.n} samples for each of "
+                     f"{rows[0]['prompts']} prompts, seed {args.seed}")
     out.print(table)
     return 0
 
 
 # --- crosscheck / export ----------------------------------------------------------------
 
-def cmd_crosscheck(args) -> int:
-    from mlxflow.crosscheck import run_crosscheck_cli
+def render_crosscheck(report) -> Table:
+    """A rich Table of a crosscheck.Report's rows."""
+    title = "MLX vs PyTorch cross-check" + (f" ({report.info['checkpoint']})" if "checkpoint" in report.info else "")
+    table = Table(title=title, caption=f"device {report.info.get('device', '?')}; rel err = max abs / max |torch|")
+    for col, justify in (("check", "left"), ("max abs", "right"), ("rel err", "right"), ("limit", "right"),
+                         ("", "center")):
+        table.add_column(col, justify=justify)
+    for r in report.rows:
+        table.add_row(r.name, f"{r.max_abs:.2e}", f"{r.rel_err:.2e}", f"{r.metric} <= {r.limit:.0e}",
+                      "[green]ok[/green]" if r.passed else "[red]FAIL[/red]")
+    return table
 
+
+def cmd_crosscheck(args, console_out=None) -> int:
+    printer = console_out or out
     with console.status("running both frameworks..."):
-        return run_crosscheck_cli(args.ckpt, console=out, batch=args.batch, steps=args.steps, solver=args.solver,
-                                  cfg_scale=args.cfg, seed=args.seed, tol=args.tol, device=args.device,
-                                  train_step=not args.no_train_step)
+        report = api.crosscheck(args.ckpt, batch=args.batch, steps=args.steps, solver=args.solver, cfg_scale=args.cfg,
+                                seed=args.seed, tol=args.tol, device=args.device, train_step=not args.no_train_step)
+    printer.print(render_crosscheck(report))
+    failed = [r.name for r in report.rows if not r.passed]
+    if failed:
+        printer.print(f"[red]cross-check failed:[/red] {', '.join(failed)}")
+        return 1
+    printer.print("[green]cross-check passed[/green]")
+    return 0
 
 
 def cmd_export(args) -> int:
-    from mlxflow.export import export_coreml
-
     with console.status("converting and verifying..."):
-        report = export_coreml(args.ckpt, args.out, precision=args.precision, compress=args.compress,
-                               batch_sizes=tuple(args.batch_sizes), min_psnr=args.min_psnr, data=args.data,
-                               deployment_target=args.deployment_target)
+        report = api.export_coreml(args.ckpt, args.out, precision=args.precision, compress=args.compress,
+                                   batch_sizes=tuple(args.batch_sizes), min_psnr=args.min_psnr, data=args.data,
+                                   deployment_target=args.deployment_target)
     table = Table(title=f"Core ML export: {args.out}")
     table.add_column("item")
     table.add_column("value")
@@ -327,54 +298,35 @@ def cmd_export(args) -> int:
     return 0
 
 
-# --- serve -------------------------------------------------------------------------------
+# --- serve / demo ---------------------------------------------------------------------------
 
 def cmd_serve(args) -> int:
     """A Gradio page in front of one checkpoint; a bad checkpoint ends here with one line."""
-    from mlxflow.serve import serve
+    from mlxflow.serve import serve  # the face for browsers (Gradio is an optional extra)
 
     serve(args.ckpt, host=args.host, port=args.port, share=args.share)
     return 0
 
 
-# --- demo --------------------------------------------------------------------------------
-
-# The demo's emoji: distinct shapes and colours a person names at a glance.
-DEMO_PROMPTS = ["grinning face", "red heart", "thumbs up", "fire", "pizza", "rocket", "sun", "snowman",
-                "watermelon", "ghost", "four leaf clover", "crying face"]
-
-
 def cmd_demo(args) -> int:
-    """Build the emoji set, train the tiny preset on the demo's dozen emoji, write a sample grid
-    and score it: the commands a user would type, sized for minutes on a laptop CPU."""
-    from mlxflow import api
-    from mlxflow.checkpoint import checkpoint_step, list_checkpoints
-    from mlxflow.data.dataset import subset_dataset_folder
+    """Build the emoji set, train the tiny preset on the demo's dozen emoji, write a sample grid and score it."""
+    with _bar(TextColumn("{task.fields[info]}")) as progress:
+        bars: dict = {}
 
-    root = Path(args.out)
-    data, demo_data, run, grid = root / "emoji-data", root / "emoji-demo", root / "run-demo", root / "samples.png"
-    parse = build_parser().parse_args
-    if not (data / "images.npy").exists():
-        # Without skin-tone variants: 1.9k distinct emoji instead of 3.8k near-duplicates.
-        cmd_data(parse(["data", "emoji", str(data), "--no-skin-tones"] + (["--font", args.font] if args.font else [])))
-    if not (demo_data / "images.npy").exists():
-        subset_dataset_folder(data, demo_data, DEMO_PROMPTS)
-    ckpts = list_checkpoints(run)
-    done = checkpoint_step(ckpts[-1]) if ckpts else 0
-    if done < args.steps:
-        rc = cmd_train(parse(["train", "emoji", "--data", str(demo_data), "--out", str(run), "--preset", "tiny",
-                              "--steps", str(args.steps), "--batch-size", str(len(DEMO_PROMPTS))]
-                             + (["--resume", "latest"] if ckpts else [])))
-        if rc:
-            return rc
-    cmd_sample(parse(["sample", str(run), *DEMO_PROMPTS, "--n", "4", "--output", str(grid)]))
-    with console.status("scoring the grid..."):
-        # Nearest image among all 1.9k emoji, not only the dozen trained on: a sample counts
-        # only when it is closer to its own emoji than to any other the font draws.
-        d = api.sampling_defaults(run)
-        score = api.prompt_fidelity(run, data, prompts=DEMO_PROMPTS, n=4, steps=d["steps"], solver=d["solver"],
-                                    cfg_scale=d["cfg"], interval=d["cfg_interval"])
-    out.print(f"[bold green]sample grid:[/] {grid.resolve()} (rows: {', '.join(DEMO_PROMPTS)})")
+        def stage(name):
+            def update(done, total, info=""):
+                if name not in bars:
+                    bars[name] = progress.add_task(name, total=total, info="")
+                progress.update(bars[name], completed=done, total=total, info=info)
+            return update
+
+        train_bar = stage("train")
+        result = api.demo(args.out, steps=args.steps, font=args.font, on_render=stage("render"),
+                          on_embed=stage("embed"), on_sample_step=stage("sample"),
+                          on_step=lambda i: train_bar(i.step, i.total, f"loss {i.loss:.4f}"),
+                          on_message=lambda msg: progress.console.print(msg, highlight=False))
+    score = result["fidelity"]
+    out.print(f"[bold green]sample grid:[/] {result['grid']} (rows: {', '.join(result['prompts'])})")
     out.print(f"prompt fidelity {score['fidelity']:.0%} of {score['samples']} samples: the nearest of all "
               f"{round(1 / score['chance'])} emoji is the prompted one (chance {score['chance']:.2%})")
     return 0
@@ -383,9 +335,7 @@ def cmd_demo(args) -> int:
 # --- parser --------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    from mlxflow.families import family_names
-    from mlxflow.solvers import SOLVERS
-
+    family_names, SOLVERS = api.family_names, api.SOLVERS
     p = argparse.ArgumentParser(prog="mlxflow", description="Flow-matching image generators in MLX.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -442,6 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--framework", choices=["mlx", "torch"], default="mlx")
     t.add_argument("--device", help="(torch) cpu | cuda | mps (default: best available)")
     t.add_argument("--log-every", type=int, default=25, help="steps between log lines when not on a terminal")
+    t.add_argument("--embeddings", help="precomputed float32 (N, L, D) caption embeddings (.npy) instead of the "
+                                        "text encoder's")
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("sample", help="generate images from a checkpoint")
@@ -573,12 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
-        from mlxflow.blas import reexec_with_fast_blas
-
-        reexec_with_fast_blas([sys.executable, sys.argv[0], *sys.argv[1:]])
+        api.use_fast_blas([sys.executable, sys.argv[0], *sys.argv[1:]])
     args = build_parser().parse_args(argv)
-    from mlxflow.errors import MlxflowError
-
     try:
         return args.func(args)
     except MlxflowError as e:

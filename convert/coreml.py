@@ -35,10 +35,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from mlxflow.errors import MlxflowError
+from mlxflow.families import get_family
+from mlxflow.flow import to_velocity
 
 __all__ = [
     "TIME_CONVENTION",
-    "SOLVER_ADVICE",
     "PSNR_GATE_DB",
     "export_denoiser",
     "verify_denoiser",
@@ -50,7 +51,6 @@ __all__ = [
 ]
 
 TIME_CONVENTION = "t=0 noise, t=1 data, x_t=(1-t)*noise+t*data, output=velocity dx/dt"
-SOLVER_ADVICE = "heun 20 steps, cfg 7.5 via batch 2 (cond+uncond) or in app; uncond = zero text embedding"
 PSNR_GATE_DB = 35.0
 
 _PRECISIONS = ("fp16", "fp32")
@@ -170,8 +170,6 @@ def velocity_model(torch_model, prediction: str):
         return torch_model
     import torch
 
-    from mlxflow.flow import to_velocity
-
     class VelocityOutput(torch.nn.Module):
         def __init__(self, net):
             super().__init__()
@@ -257,6 +255,13 @@ def _convert(torch_model, *, image_size: int, channels: int, text_tokens: int, t
     return mlmodel
 
 
+def solver_advice(family: str) -> str:
+    """How to sample the exported denoiser: the family's own defaults (what `mlxflow sample` uses)."""
+    d = get_family(family).sample_defaults
+    return f"{d['solver']} {d['steps']} steps, cfg {d['cfg']:g} via batch 2 (cond+uncond) or in app; " \
+           "uncond = zero text embedding"
+
+
 def _describe(mlmodel, *, image_size, channels, text_tokens, text_dim, precision, compress, batch_sizes,
               deployment_target, metadata: dict | None) -> None:
     import coremltools as ct
@@ -264,7 +269,8 @@ def _describe(mlmodel, *, image_size, channels, text_tokens, text_dim, precision
     md = dict(metadata or {})
     meta = mlmodel.user_defined_metadata
     meta["mlxflow.time_convention"] = TIME_CONVENTION
-    meta["mlxflow.solver"] = SOLVER_ADVICE
+    advice = md.pop("solver_advice", None) or solver_advice(md.get("family", "emoji"))
+    meta["mlxflow.solver"] = advice
     meta["mlxflow.image_size"] = str(image_size)
     meta["mlxflow.channels"] = str(channels)
     meta["mlxflow.text_shape"] = json.dumps([text_tokens, text_dim])
@@ -281,7 +287,7 @@ def _describe(mlmodel, *, image_size, channels, text_tokens, text_dim, precision
     family = md.get("family", "emoji")
     mlmodel.short_description = (
         f"mlxflow {family} flow-matching denoiser ({image_size}x{image_size}, {precision}"
-        f"{', ' + compress if compress else ''}): predicts velocity dx/dt. {TIME_CONVENTION}. Sampling: {SOLVER_ADVICE}."
+        f"{', ' + compress if compress else ''}): predicts velocity dx/dt. {TIME_CONVENTION}. Sampling: {advice}."
     )
     mlmodel.input_description["x_t"] = f"noisy image (B,{channels},{image_size},{image_size}) float32 in ~[-1,1], NCHW"
     mlmodel.input_description["t"] = "flow time (B,) float32 in [0,1]: t=0 noise, t=1 data"
@@ -366,7 +372,7 @@ def open_denoiser(model, *, backend: str | None = None) -> tuple[Callable, dict]
                                    "text": np.asarray(text, np.float32)})
             return np.asarray(out["velocity"], np.float32)
     elif backend == "mil-numpy":
-        from convert.mil_eval import evaluate_program, load_program
+        from .mil_eval import evaluate_program, load_program
 
         prog = load_program(mlmodel)
 

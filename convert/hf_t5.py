@@ -31,73 +31,17 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from convert.hf_hub import locate_hf_folder
+from mlxflow.configs.encoders import FEED_FORWARD, MODEL_TYPES, T5Config  # noqa: F401 (re-exported)
 from mlxflow.errors import MlxflowError
 
 REPO_IDS = ["google-t5/t5-small", "t5-small"]
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 REQUIRED_FILES = [("config.json",), WEIGHT_FILES, ("tokenizer.json",)]
-FEED_FORWARD = ("relu", "gated-gelu")
-# model_types with T5's encoder layout (mT5 is T5 v1.1 with another vocabulary).
-MODEL_TYPES = ("t5", "mt5")
-
-
-@dataclass(frozen=True)
-class T5Config:
-    """The T5 encoder's hyper-parameters, named as in HF `config.json` (t5-small defaults)."""
-
-    vocab_size: int = 32128
-    d_model: int = 512
-    d_kv: int = 64
-    d_ff: int = 2048
-    num_layers: int = 6
-    num_heads: int = 8
-    relative_attention_num_buckets: int = 32
-    relative_attention_max_distance: int = 128
-    feed_forward_proj: str = "relu"
-    layer_norm_epsilon: float = 1e-6
-
-    def __post_init__(self):
-        if self.feed_forward_proj not in FEED_FORWARD:
-            raise MlxflowError(f"T5 feed_forward_proj '{self.feed_forward_proj}' is not supported "
-                               f"(supported: {', '.join(FEED_FORWARD)})")
-        if self.relative_attention_num_buckets < 4:
-            raise MlxflowError(f"T5 relative_attention_num_buckets must be >= 4, "
-                               f"got {self.relative_attention_num_buckets}")
-
-    @property
-    def gated(self) -> bool:
-        return self.feed_forward_proj.startswith("gated-")
-
-    @property
-    def inner_dim(self) -> int:
-        """Width of q/k/v: heads * d_kv (need not equal d_model, e.g. T5 v1.1)."""
-        return self.num_heads * self.d_kv
-
-    @classmethod
-    def from_hf(cls, hf: dict, where: str = "config.json") -> "T5Config":
-        """From a parsed HF config.json; unknown keys are ignored, missing ones are an error."""
-        if hf.get("model_type", "t5") not in MODEL_TYPES:
-            raise MlxflowError(f"{where}: model_type '{hf.get('model_type')}' is not a T5 encoder")
-        # The layer count and width have no sensible default: a config without them is not T5's.
-        needed = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads")
-        missing = [k for k in needed if k not in hf]
-        if missing:
-            raise MlxflowError(f"{where}: not a T5 config (missing {', '.join(missing)})")
-        defaults = cls()
-        return cls(**{f: type(getattr(defaults, f))(hf.get(f, getattr(defaults, f)))
-                      for f in cls.__dataclass_fields__})
-
-    def to_hf(self) -> dict:
-        """A config.json that transformers' T5EncoderModel loads (model_type t5)."""
-        return {"model_type": "t5", "architectures": ["T5EncoderModel"], **asdict(self),
-                "num_decoder_layers": self.num_layers, "dropout_rate": 0.0, "initializer_factor": 1.0,
-                "is_encoder_decoder": True, "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0,
-                "tie_word_embeddings": True, "use_cache": False}
 
 
 def read_t5_config(folder) -> tuple[T5Config, dict]:
@@ -260,8 +204,6 @@ def read_hf_t5(folder) -> tuple[T5Config, dict[str, np.ndarray]]:
 
 def locate_t5_folder(path=None) -> Path:
     """The T5 folder: `path` if given (it must hold the files), else the HF cache or hub (t5-small)."""
-    from convert.hf_hub import locate_hf_folder
-
     return locate_hf_folder("T5 encoder", list(REPO_IDS), required=list(REQUIRED_FILES), path=path)
 
 

@@ -111,10 +111,21 @@ def read_diffusers_weights(folder) -> dict[str, np.ndarray]:
     raise MlxflowError(f"{folder} is not a diffusers VAE folder: it needs {SAFETENSORS} or {BIN}")
 
 
+def read_config_json(path) -> dict:
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MlxflowError(f"VAE config not found: {path}") from None
+    except (OSError, ValueError) as e:
+        raise MlxflowError(f"cannot read VAE config {path}: {' '.join(str(e).split())}") from None
+    if not isinstance(d, dict):
+        raise MlxflowError(f"VAE config {path} is not a JSON object")
+    return d
+
+
 def read_hf_vae(folder) -> tuple[dict, dict[str, np.ndarray]]:
     """(config.json dict, weights in mlxflow names and MLX layouts) from a diffusers AutoencoderKL folder."""
-    from mlxflow.models.vae import read_config_json
-
     folder = Path(folder)
     if not folder.is_dir():
         raise MlxflowError(f"SD VAE folder not found: {folder}")

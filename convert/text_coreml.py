@@ -36,6 +36,7 @@ from typing import Sequence
 import numpy as np
 
 from convert.coreml import _dir_size_mb, _replace_dir, _require_coremltools, psnr
+from mlxflow.encoders import load_bert_encoder, load_text_encoder
 from mlxflow.errors import MlxflowError
 
 __all__ = [
@@ -234,8 +235,6 @@ def verify_text_encoder(package, spec, *, seq_len: int | None = None, prompts: S
     are left out (the MLX encoder would see tokens the package cannot).
     Returns {"psnr", "min_cosine", "max_abs_err", "n_prompts", "backend"}.
     """
-    from mlxflow.models.text import load_text_encoder
-
     ct = _require_coremltools()
     package = Path(package)
     if not package.exists():
@@ -335,8 +334,6 @@ def export_text_encoder(spec, out_dir, *, precision: str = "fp16", seq_len: int 
                                 or seq_len < 3):
         raise MlxflowError(f"seq_len must be an integer >= 3 ([CLS] + token + [SEP]), got {seq_len!r}")
     _require_coremltools()
-    from mlxflow.models.text import load_text_encoder
-    from mlxflow.torch_ref.text import load_bert_encoder
 
     encoder = load_text_encoder(s)
     if tokens:

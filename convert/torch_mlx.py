@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mlxflow.checkpoint import Checkpoint, check_weights_fit, load_checkpoint
+from mlxflow.checkpoint import Checkpoint, check_weights_fit
+from mlxflow.families import load_checkpoint, load_model
 from mlxflow.families import Family, family_of, get_family
 
 SAME, CONV, CONV_T = "same", "conv", "conv_transpose"
@@ -152,6 +153,6 @@ def load_torch_model(ckpt_or_path, device: str = "cpu", use_ema: bool | str = Tr
 
 def load_mlx_model(ckpt_or_path, use_ema: bool = True):
     """-> (MLX model with the checkpoint's weights, evaluated, Checkpoint)."""
-    from mlxflow.models import load_model
+
 
     return load_model(_as_checkpoint(ckpt_or_path), use_ema=use_ema)

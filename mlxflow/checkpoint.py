@@ -42,10 +42,9 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
-from . import __version__
+from ._version import __version__
 from .config import TrainConfig, from_dict, to_dict
 from .errors import MlxflowError
-from .families import get_family
 
 try:  # F_FULLFSYNC: on macOS plain fsync does not flush the drive's cache
     import fcntl
@@ -516,13 +515,18 @@ def _load_tensors(path: Path) -> dict[str, np.ndarray]:
         raise MlxflowError(f"cannot read {path}: {e}") from None
 
 
-def load_checkpoint(path, family: str | None = None, with_optimizer: bool = False) -> Checkpoint:
-    """Load a checkpoint (or a run's latest); `family` asserts what the caller expects."""
+def load_checkpoint(path, config_class, family: str | None = None, with_optimizer: bool = False) -> Checkpoint:
+    """Load a checkpoint folder (or a run's latest intact one).
+
+    config_class: family name -> its model config dataclass (the registry supplies it:
+    mlxflow.families.load_checkpoint); `family` asserts what the caller expects.
+    Errors: MlxflowError naming the folder and what is wrong with it.
+    """
     path = resolve_checkpoint(path)
     try:
         config = json.loads((path / "config.json").read_text())
         ckpt_family = config["family"]
-        family_entry = get_family(ckpt_family)
+        model_class = config_class(ckpt_family)
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise MlxflowError(f"{path}/config.json is not an mlxflow checkpoint config ({e})") from None
     if family is not None and ckpt_family != family:
@@ -533,7 +537,7 @@ def load_checkpoint(path, family: str | None = None, with_optimizer: bool = Fals
     return Checkpoint(
         path=path,
         family=ckpt_family,
-        model_config=family_entry.config_from_dict(config["model"]),
+        model_config=from_dict(model_class, config["model"]),
         train_config=from_dict(TrainConfig, config.get("train", {})),
         text_encoder=config.get("text_encoder", "minilm"),
         weights=_load_tensors(path / "model.safetensors"),
@@ -543,6 +547,18 @@ def load_checkpoint(path, family: str | None = None, with_optimizer: bool = Fals
         meta=config,
         ema2=_load_tensors(ema2_file) if ema2_file.exists() else None,
     )
+
+
+def load_weights_into(module, weights: dict, where: str) -> None:
+    """Fill an MLX module from numpy arrays (MLX key names and layouts).
+
+    Errors: MlxflowError naming the first missing, unexpected or mis-shaped key."""
+    import mlx.core as mx  # checkpoints are also read where only torch is wanted
+    from mlx.utils import tree_flatten
+
+    expected = {k: v.shape for k, v in tree_flatten(module.parameters())}
+    check_weights_fit(expected, weights, where)
+    module.load_weights([(k, mx.array(v)) for k, v in weights.items()])
 
 
 def check_weights_fit(expected: dict[str, tuple], weights: dict[str, np.ndarray], where: str) -> None:
@@ -559,32 +575,6 @@ def check_weights_fit(expected: dict[str, tuple], weights: dict[str, np.ndarray]
         if tuple(weights[k].shape) != tuple(shape):
             raise MlxflowError(f"{where} does not fit the model: '{k}' has shape {tuple(weights[k].shape)}, "
                                f"the model expects {tuple(shape)}")
-
-
-def checkpoint_to_resume(run_dir, resume: str, family: str, train_config: TrainConfig) -> tuple[Checkpoint, TrainConfig]:
-    """The checkpoint `--resume latest|PATH` names, and the train config to continue with.
-
-    The architecture and the data/schedule settings come from the checkpoint; only the
-    step budget and the logging/checkpoint/sample cadence may change on resume. Both
-    trainers (MLX and torch) resume through here.
-    """
-    from dataclasses import replace
-
-    run_dir = Path(run_dir)
-    if resume == "latest":
-        intact, broken = list_checkpoints(run_dir, with_broken=True)
-        if not intact:
-            damaged = f" (skipped damaged {broken[-1][0].name}: {broken[-1][1]})" if broken else ""
-            raise MlxflowError(f"--resume latest: no checkpoint in {run_dir}{damaged}")
-    ckpt = load_checkpoint(resolve_checkpoint(run_dir if resume == "latest" else Path(resume)), family=family,
-                           with_optimizer=True)
-    merged = replace(ckpt.train_config, steps=train_config.steps, log_every=train_config.log_every,
-                     ckpt_every=train_config.ckpt_every, sample_every=train_config.sample_every)
-    if ckpt.step >= merged.steps:
-        raise MlxflowError(f"checkpoint {ckpt.path} is already at step {ckpt.step} >= --steps {merged.steps}")
-    if ckpt.optimizer is None:
-        raise MlxflowError(f"checkpoint {ckpt.path} has no optimizer state; cannot resume exactly")
-    return ckpt, merged
 
 
 def checkpoint_step(path) -> int:

@@ -60,7 +60,7 @@ class LatentCodec(Codec):
         return (model_config.image_size // f, model_config.image_size // f, model_config.in_channels)
 
     def autoencoder(self, model_config):
-        from .models.vae import load_latent_vae
+        from .encoders import load_latent_vae
 
         return load_latent_vae(model_config.vae)
 

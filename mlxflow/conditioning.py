@@ -14,6 +14,7 @@ arithmetic), so both trainers and the sampler share them.
 from __future__ import annotations
 
 from .errors import MlxflowError
+from .flow import _xp as xp_of
 
 KINDS = ("text", "class", "none")
 
@@ -31,9 +32,7 @@ def null_class(model_config) -> int:
 
 
 def _xp(a):
-    from .flow import _xp as xp
-
-    return xp(a)
+    return xp_of(a)
 
 
 def unconditional(kind: str, cond, model_config):

@@ -18,8 +18,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from convert.torch_mlx import load_mlx_model, load_torch_model, torch_to_mlx
+
+from .conditioning import kind_of, network_input, random_table, unconditional
 from .config import TrainConfig
 from .errors import MlxflowError
+from .families import family_of, get_family
+from .sample import sample_steps, sample_steps_torch
+from .train.mlx_session import flow_matching_loss as mlx_loss
+from .train.mlx_session import make_optimizer as mlx_optimizer
 
 # Why the looser tolerances:
 # - a trajectory runs 2 * steps network evaluations (Heun) with CFG, which multiplies the
@@ -106,7 +113,6 @@ def _torch_setup(device: str):
 
 def probe_points(model_config, family=None) -> list[str]:
     """Names of the submodules whose outputs are compared, in execution order (from the family entry)."""
-    from .families import family_of, get_family
 
     fam = family_of(model_config) if family is None else get_family(family) if isinstance(family, str) else family
     return list(fam.probe_points(model_config))
@@ -159,27 +165,22 @@ def _torch_taps(model, names: list[str], store: dict):
 
 
 def _network_shape(model_config) -> tuple[int, int, int]:
-    from .families import family_of
 
     return family_of(model_config).network_shape(model_config)
 
 
 def _prediction(model_config) -> str:
-    from .families import family_of
 
     return family_of(model_config).prediction
 
 
 def _kind(model_config) -> str:
-    from .conditioning import kind_of
-    from .families import family_of
 
     return kind_of(family_of(model_config), model_config)
 
 
 def _cond(kind: str, a):
     """The network's third argument from a condition array (None for unconditional models)."""
-    from .conditioning import network_input
 
     return network_input(kind, a)
 
@@ -187,7 +188,6 @@ def _cond(kind: str, a):
 def make_inputs(model_config, batch: int, seed: int) -> dict[str, np.ndarray]:
     """numpy inputs in MLX layout: x (B,H,W,C) noise-like, t (B,) in (0,1), text: the model's
     kind of condition ((B,L,D) embeddings, (B,) labels or placeholders)."""
-    from .conditioning import random_table
 
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((batch, *_network_shape(model_config))).astype(np.float32)
@@ -223,7 +223,6 @@ def compare_trajectory(mlx_model, torch_model, model_config, *, batch: int, step
     sides, through the samplers users run (sample.sample_steps and its torch twin)."""
     import mlx.core as mx
 
-    from .sample import sample_steps, sample_steps_torch
 
     _torch_setup(device)
     inp = make_inputs(model_config, batch, seed + 1)
@@ -245,12 +244,11 @@ def _mlx_adamw_step(model, grads: dict, cfg: TrainConfig):
     import mlx.optimizers as optim
     from mlx.utils import tree_flatten, tree_unflatten
 
-    from .train import make_optimizer
 
     saved = model.parameters()
     tree = tree_unflatten([(k, mx.array(v)) for k, v in grads.items()])
     tree, norm = optim.clip_grad_norm(tree, float(cfg.grad_clip) if cfg.grad_clip > 0 else float("inf"))
-    opt = make_optimizer(cfg, lr=float(cfg.lr))
+    opt = mlx_optimizer(cfg, lr=float(cfg.lr))
     opt.update(model, tree)
     mx.eval(model.parameters(), norm)
     after = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
@@ -262,7 +260,7 @@ def _torch_adamw_step(model, grads: dict, cfg: TrainConfig):
     """The torch twin of _mlx_adamw_step (train_torch.make_optimizer); grads are torch-named, torch-layout."""
     import torch
 
-    from .train_torch import make_optimizer
+    from .train.torch_session import make_optimizer  # torch is optional
 
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     params = dict(model.named_parameters())
@@ -292,10 +290,8 @@ def compare_train_step(mlx_model, torch_model, model_config, train_config: Train
     import mlx.nn as mnn
     from mlx.utils import tree_flatten
 
-    from convert.torch_mlx import torch_to_mlx
 
-    from .train import flow_matching_loss as mlx_loss
-    from .train_torch import flow_matching_loss as torch_loss
+    from .train.torch_session import flow_matching_loss as torch_loss  # torch is optional
 
     torch = _torch_setup(device)
     rng = np.random.default_rng(seed + 2)
@@ -303,7 +299,6 @@ def compare_train_step(mlx_model, torch_model, model_config, train_config: Train
     x1 = np.tanh(rng.standard_normal(shape)).astype(np.float32)  # image-like, in (-1, 1)
     x0 = rng.standard_normal(shape).astype(np.float32)
     t = rng.uniform(0.0, 1.0, size=batch).astype(np.float32)
-    from .conditioning import random_table, unconditional
 
     kind = _kind(model_config)
     text = random_table(kind, batch, model_config, rng)
@@ -386,8 +381,6 @@ def crosscheck(ckpt_path, *, batch: int = 2, steps: int = 8, solver: str = "heun
     The train step uses the checkpoint's train config (lr, betas, weight decay, clip) unless
     `train_config` is given.
     """
-    from convert.torch_mlx import load_mlx_model, load_torch_model
-
     if batch < 1:
         raise MlxflowError(f"batch must be >= 1, got {batch}")
     mlx_model, ckpt = load_mlx_model(ckpt_path, use_ema=use_ema)
@@ -397,39 +390,3 @@ def crosscheck(ckpt_path, *, batch: int = 2, steps: int = 8, solver: str = "heun
                                device=device, train_step=train_step)
     report.info["checkpoint"] = str(ckpt.path)
     return report
-
-
-def render(report: Report):
-    """A rich Table of the report's rows."""
-    from rich.table import Table
-
-    title = "MLX vs PyTorch cross-check" + (f" ({report.info['checkpoint']})" if "checkpoint" in report.info else "")
-    table = Table(title=title, caption=f"device {report.info.get('device', '?')}; "
-                  f"rel err = max abs / max |torch|")
-    table.add_column("check")
-    table.add_column("max abs", justify="right")
-    table.add_column("rel err", justify="right")
-    table.add_column("limit", justify="right")
-    table.add_column("", justify="center")
-    for r in report.rows:
-        table.add_row(r.name, f"{r.max_abs:.2e}", f"{r.rel_err:.2e}", f"{r.metric} <= {r.limit:.0e}",
-                      "[green]ok[/green]" if r.passed else "[red]FAIL[/red]")
-    return table
-
-
-def run_crosscheck_cli(ckpt_path, *, console=None, **kwargs) -> int:
-    """Run `crosscheck`, print the table and a verdict; exit code 0 when it passed, 1 otherwise.
-
-    MlxflowError (bad path, checkpoint that does not fit) propagates for the CLI to print.
-    """
-    from rich.console import Console
-
-    console = console or Console()
-    report = crosscheck(ckpt_path, **kwargs)
-    console.print(render(report))
-    failed = [r.name for r in report.rows if not r.passed]
-    if failed:
-        console.print(f"[red]cross-check failed:[/red] {', '.join(failed)}")
-        return 1
-    console.print("[green]cross-check passed[/green]")
-    return 0

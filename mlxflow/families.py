@@ -10,8 +10,9 @@ both trainers, sampling, crosscheck, bench, export) asks this registry:
            conditioning "text" | "none"
            probe points for crosscheck, Core ML export support)
 
-A new family is its two model files (`models/X.py`, `torch_ref/X.py`), a config
-dataclass with presets, and one `register(Family(...))` call below.
+A new family is its two model files (`models/X.py`, `torch_ref/X.py`) and one config file,
+`configs/X.py`: its config dataclass, presets, FLOP formula and `register(Family(...))`.
+`mlxflow/configs/__init__.py` imports every module of that folder, so nothing shared is edited.
 Model classes may be given as "module:Class" strings so that importing the registry
 never imports torch (or even MLX) before a caller needs it.
 """
@@ -23,7 +24,10 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .checkpoint import Checkpoint, load_weights_into
+from .checkpoint import load_checkpoint as read_checkpoint
 from .codecs import Codec, get_codec
+from .config import TrainConfig, from_dict
 from .errors import MlxflowError
 
 PREDICTIONS = ("velocity", "x")
@@ -71,16 +75,12 @@ class Family:
             raise MlxflowError(f"unknown preset '{preset}' for {self.name} (known: {', '.join(self.model_presets)})")
         return self.config_class(**{**self.model_presets[preset], **overrides}).validate()
 
-    def train_config(self, preset: str | None = None, **overrides):
-        from .config import TrainConfig
-
+    def train_config(self, preset: str | None = None, **overrides) -> TrainConfig:
         preset = preset or self.default_preset
         base = self.train_presets.get(preset, {})
         return TrainConfig(preset=preset, **{**base, **{k: v for k, v in overrides.items() if v is not None}})
 
     def config_from_dict(self, d: dict):
-        from .config import from_dict
-
         return from_dict(self.config_class, d)
 
     # --- models --------------------------------------------------------------------
@@ -140,63 +140,40 @@ def family_of(model_config) -> Family:
     raise MlxflowError(f"no registered family uses {type(model_config).__name__}")
 
 
-# --- the built-in families -------------------------------------------------------------
-
-def _emoji_probe_points(cfg) -> list[str]:
-    n = cfg.levels
-    return ["time_embed", "stem", *[f"down.{i}" for i in range(n)], "mid", *[f"up.{i}" for i in range(n)]]
+def model_config(family: str, preset: str | None = None, **overrides):
+    """The model config of a named preset of a registered family, with field overrides."""
+    return get_family(family).model_config(preset, **overrides)
 
 
-def _register_builtin() -> None:
-    from .config import EMOJI_PRESETS, EMOJI_TRAIN_PRESETS, EmojiConfig
-
-    register(Family(
-        name="emoji", config_class=EmojiConfig, model_presets=EMOJI_PRESETS, train_presets=EMOJI_TRAIN_PRESETS,
-        mlx_model="mlxflow.models.emoji:EmojiFlow", torch_model="mlxflow.torch_ref.emoji:EmojiFlow",
-        prediction="velocity", codec="pixels", conditioning="text", probe_points=_emoji_probe_points,
-        coreml=True, default_preset="default", text_encoder="minilm-tokens",
-        # Second-order Adams-Bashforth, 20 evaluations: as close to a 200-evaluation RK4 solve
-        # as Heun 20 (40 evaluations) on one trained model and closer than Euler 50 on another
-        # (`mlxflow solvers`, RMSE in [0, 1]: 0.0055 vs 0.0055 and 0.0094 vs 0.0069 / 0.0142).
-        sample_defaults=dict(steps=20, solver="ab2", cfg=3.0, cfg_interval=None),
-        description="pixel-space U-Net for 64x64 emoji, conditioned on frozen text embeddings"))
+def train_config(family: str, preset: str | None = None, **overrides) -> TrainConfig:
+    """The train config of a named preset of a registered family; None overrides are ignored."""
+    return get_family(family).train_config(preset, **overrides)
 
 
-def _jit_probe_points(cfg) -> list[str]:
-    return ["time_embed", "patch_embed", *[f"blocks.{i}" for i in range(cfg.depth)], "final_layer"]
+def load_checkpoint(path, family: str | None = None, with_optimizer: bool = False) -> Checkpoint:
+    """A checkpoint folder (or a run folder's newest intact checkpoint) of a registered family,
+    its model config rebuilt as that family's dataclass; `family` asserts what the caller
+    expects. Errors: MlxflowError naming the folder and the problem (unknown family included)."""
+    return read_checkpoint(path, lambda name: get_family(name).config_class, family=family,
+                           with_optimizer=with_optimizer)
 
 
-def _register_jit() -> None:
-    from .config import JIT_PRESETS, JIT_TRAIN_PRESETS, JiTConfig, jit_flops_per_image
-
-    register(Family(
-        name="jit", config_class=JiTConfig, model_presets=JIT_PRESETS, train_presets=JIT_TRAIN_PRESETS,
-        mlx_model="mlxflow.models.jit:JiT", torch_model="mlxflow.torch_ref.jit:JiT",
-        prediction="x", codec="pixels", conditioning="text", probe_points=_jit_probe_points,
-        coreml=False, default_preset="tiny", flops_per_image=jit_flops_per_image,
-        # The paper's sampler: Heun with an Euler last step (t = 1 is never evaluated),
-        # CFG only for 0.1 < t < 1.
-        sample_defaults=dict(steps=50, solver="heun_euler_last", cfg=2.5, cfg_interval=(0.1, 1.0)),
-        description="pixel-space ViT predicting the clean image (Back to Basics, seed 003)"))
+def build_model(family: str, model_config):
+    """A fresh MLX network of `family` (weights initialised from MLX's global RNG)."""
+    return get_family(family).build(model_config, "mlx")
 
 
-def _dit_probe_points(cfg) -> list[str]:
-    return ["time_embed", "patch_embed", "text_proj", *[f"blocks.{i}" for i in range(cfg.depth)], "final_layer"]
+def load_model(ckpt_or_path, use_ema: bool | str = True):
+    """(MLX network with a checkpoint's weights, evaluated; the Checkpoint).
 
+    use_ema: True / "ema" (the EMA, when the run kept one), "ema2" (the second EMA), or
+    False / "raw" (the raw weights). Errors: MlxflowError for a bad folder or weights that
+    do not fit the network."""
+    import mlx.core as mx  # the registry itself never needs MLX
 
-def _register_dit() -> None:
-    from .config import DIT_PRESETS, DIT_TRAIN_PRESETS, DiTConfig, dit_flops_per_image
-
-    register(Family(
-        name="dit", config_class=DiTConfig, model_presets=DIT_PRESETS, train_presets=DIT_TRAIN_PRESETS,
-        mlx_model="mlxflow.models.dit:DiT", torch_model="mlxflow.torch_ref.dit:DiT",
-        prediction="velocity", codec="sd-vae", conditioning="text", probe_points=_dit_probe_points,
-        coreml=False, default_preset="tiny", flops_per_image=dit_flops_per_image,
-        # The seed samples with 50 Euler steps; CFG needs the text dropout of its train presets.
-        sample_defaults=dict(steps=50, solver="euler", cfg=4.0, cfg_interval=None),
-        description="latent text-to-image transformer on SD-VAE latents and frozen T5 states (seed 002)"))
-
-
-_register_builtin()
-_register_jit()
-_register_dit()
+    ckpt = ckpt_or_path if isinstance(ckpt_or_path, Checkpoint) else load_checkpoint(ckpt_or_path)
+    model = build_model(ckpt.family, ckpt.model_config)
+    which = {True: "ema", False: "raw"}.get(use_ema, use_ema)
+    load_weights_into(model, ckpt.inference_weights(which), f"checkpoint {ckpt.path}")
+    mx.eval(model.parameters())
+    return model, ckpt

@@ -1,7 +1,7 @@
 """Sampling: noise -> ODE solver -> images.
 
-`sample_steps` is a generator yielding (i, t, x) after every solver step, so the CLI can
-show progress and keep preview frames; `generate` wraps it for a checkpoint and prompts.
+`sample_steps` (MLX) and `sample_steps_torch` (the torch twin) are generators yielding
+(i, t, x) after every solver step; mlxflow.pipeline.Generator wraps them for a checkpoint.
 """
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
+from .conditioning import check_table, kind_of, network_input, unconditional
+from .encoders import load_text_encoder
 from .errors import MlxflowError
+from .families import family_of, get_family
 from .flow import to_velocity
-from .models import load_model
 from .solvers import EVALS_PER_STEP, guided, integrate
 
 
@@ -33,8 +35,6 @@ def sample_steps(model, text: mx.array, *, steps: int = 20, solver: str = "heun"
     Yields (i, t, x) with x (N,H,W,C) evaluated, in the network's space (decode with the
     family's codec for images).
     """
-    from .conditioning import kind_of, network_input, unconditional
-    from .families import family_of
 
     fam = family or family_of(model.config)
     kind = kind_of(fam, model.config)
@@ -67,8 +67,6 @@ def sample_steps_torch(model, cond: np.ndarray, *, steps: int = 20, solver: str 
     """
     import torch
 
-    from .conditioning import kind_of, network_input, unconditional
-    from .families import family_of
 
     fam = family or family_of(model.config)
     kind = kind_of(fam, model.config)
@@ -122,8 +120,6 @@ def save_png(img: Image.Image, path) -> Path:
 
 
 def embed_prompts(prompts: list[str], encoder_spec: str) -> np.ndarray:
-    from .models.text import load_text_encoder
-
     if not prompts or any(not p.strip() for p in prompts):
         raise MlxflowError("give at least one non-empty prompt")
     return load_text_encoder(encoder_spec).encode(list(prompts))
@@ -136,8 +132,6 @@ def conditions_for(ckpt, prompts: list[str], *, embeddings: np.ndarray | None = 
     class: each prompt is a class name the run trained on, or its index.
     none: prompts must be empty; one unconditional row.
     """
-    from .conditioning import check_table, kind_of
-    from .families import get_family
 
     cfg = ckpt.model_config
     kind = kind_of(get_family(ckpt.family), cfg)
@@ -167,41 +161,6 @@ def conditions_for(ckpt, prompts: list[str], *, embeddings: np.ndarray | None = 
     if prompts:
         raise MlxflowError("this checkpoint is unconditional: give no prompt (use --n for the number of images)")
     return np.zeros(1, np.int32)
-
-
-def generate(ckpt_path, prompts: list[str], *, n: int = 1, steps: int = 20, solver: str = "heun",
-             cfg_scale: float = 3.0, seed: int = 0, interval=None, embeddings: np.ndarray | None = None,
-             loaded: tuple | None = None, weights: str = "ema", framework: str = "mlx", device: str | None = None,
-             shift: float = 1.0):
-    """Yields (i, t, x) for n samples of every prompt (prompt-major order); see sample_steps.
-
-    Prompts are text, class names/indices, or nothing, as the checkpoint is conditioned
-    (see conditions_for). `loaded` = (model, ckpt) from models.load_model reuses a model a
-    server already holds (then `ckpt_path` is ignored). Returns (model, ckpt, generator)
-    so the caller knows the total before iterating. `weights`: "ema", "ema2" or "raw".
-    framework="torch" samples with the torch twin on `device` (default: the best there is);
-    x is then numpy (N,H,W,C). shift > 1 spends more of the steps near noise (flow.shift_time).
-    """
-    if framework == "torch":
-        from convert.torch_mlx import load_torch_model
-
-        from .torch_ref import default_device
-
-        device = device or default_device()
-        model, ckpt = loaded if loaded is not None else load_torch_model(ckpt_path, device=device, use_ema=weights)
-        table = conditions_for(ckpt, prompts, embeddings=embeddings)
-        gen = sample_steps_torch(model, np.repeat(table, n, axis=0), steps=steps, solver=solver, cfg_scale=cfg_scale,
-                                 seed=seed, interval=interval, noise_scale=ckpt.train_config.noise_scale, device=device,
-                                 shift=shift)
-        return model, ckpt, gen
-    if framework != "mlx":
-        raise MlxflowError(f"unknown framework '{framework}' (known: mlx, torch)")
-    model, ckpt = loaded if loaded is not None else load_model(ckpt_path, use_ema=weights)
-    table = conditions_for(ckpt, prompts, embeddings=embeddings)
-    cond = mx.array(np.repeat(table, n, axis=0))
-    gen = sample_steps(model, cond, steps=steps, solver=solver, cfg_scale=cfg_scale, seed=seed, interval=interval,
-                       noise_scale=ckpt.train_config.noise_scale, shift=shift)
-    return model, ckpt, gen
 
 
 def model_evals(steps: int, solver: str, cfg_scale: float) -> int:

@@ -6,8 +6,9 @@ browser by Gradio's queue; the last one is the final grid, also offered as a PNG
 The checkpoint is loaded once at start-up; requests run one at a time (queue concurrency
 1), so several tabs can generate at once and each waits its turn.
 
-No model logic lives here: sampling goes through mlxflow.sample and mlxflow.api. Gradio is
-an optional extra (`pip install 'mlxflow[demo]'`), imported only when a page is built.
+No model logic lives here: everything goes through mlxflow.api (a loaded Generator), so the
+page draws what `mlxflow sample` draws for the same settings. Gradio is an optional extra
+(`pip install 'mlxflow[demo]'`), imported only when a page is built.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import MlxflowError
+from . import api
+from .api import MlxflowError
 
 MAX_STEPS = 200
 MAX_PROMPTS = 16
@@ -32,38 +34,28 @@ FALLBACK_DEFAULTS = dict(steps=20, solver="heun", cfg=3.0, cfg_interval=None)
 
 def solver_names() -> tuple[str, ...]:
     """The registered ODE solvers (mlxflow.solvers): euler, heun, midpoint, rk4, ..."""
-    from .solvers import SOLVERS
-
-    return tuple(SOLVERS)
+    return tuple(api.SOLVERS)
 
 
 @dataclass
 class Loaded:
-    """What start-up produced: the model and its checkpoint, or the reason there is none."""
-    info: dict = field(default_factory=dict)  # mlxflow.api.checkpoint_info
-    model: object = None
-    ckpt: object = None
+    """What start-up produced: the loaded Generator, or the reason there is none."""
+    info: dict = field(default_factory=dict)  # Generator.info()
+    generator: object = None  # mlxflow.pipeline.Generator
     defaults: dict = field(default_factory=lambda: dict(FALLBACK_DEFAULTS))  # steps, solver, cfg, cfg_interval
     error: str | None = None
 
 
 def load(ckpt) -> Loaded:
-    """Read the metadata, build the model with its (EMA) weights and warm the text encoder, once.
-
-    Raises MlxflowError for a path that is not a usable checkpoint.
+    """Read the checkpoint once, build the network with its (EMA) weights and warm the text
+    encoder. Raises MlxflowError for a path that is not a usable checkpoint.
     """
-    from . import api
-    from .models import load_model
-
-    info = api.checkpoint_info(ckpt)
-    defaults = dict(FALLBACK_DEFAULTS)
-    defaults.update(api.sampling_defaults(info["path"]))  # the family's own (JiT: 50 steps, CFG interval)
-    model, ck = load_model(info["path"])
-    if info["conditioning"] == "text":
-        from .models.text import load_text_encoder
-
-        load_text_encoder(ck.text_encoder)  # cached by spec: the first request does not pay for it
-    return Loaded(info=info, model=model, ckpt=ck, defaults=defaults)
+    gen = api.generator(ckpt)
+    d = gen.defaults  # the family's own (JiT: 50 steps, CFG interval), as `mlxflow sample` uses
+    defaults = dict(steps=d.steps, solver=d.solver, cfg=d.cfg, cfg_interval=d.cfg_interval, shift=d.shift)
+    if gen.kind == "text":
+        gen.conditions(["warm-up"])  # the encoder is cached by spec: the first request does not pay for it
+    return Loaded(info=gen.info(), generator=gen, defaults=defaults)
 
 
 def _scaled(grid, k: int):
@@ -118,6 +110,13 @@ def parse_request(kind: str, prompts_text: str | None, classes: list[str] | None
     return dict(prompts=prompts, n=n, steps=steps, solver=solver, cfg_scale=cfg, seed=seed, preview=preview)
 
 
+def run_request(loaded: Loaded, req: dict):
+    """(step, total, grid) frames for a parsed request (parse_request), on the page's checkpoint:
+    the family's CFG interval and, for its default solver, its time shift, as `mlxflow sample`."""
+    interval = tuple(loaded.defaults["cfg_interval"]) if loaded.defaults.get("cfg_interval") else None
+    return api.sample_frames(loaded.generator, interval=interval, **req)
+
+
 def _metadata_markdown(info: dict, defaults: dict) -> str:
     rows = [("family", info.get("family")), ("preset", info.get("preset") or "-"),
             ("training step", info.get("step")), ("trained with", info.get("framework")),
@@ -141,10 +140,8 @@ class _Outputs:
         self.keep, self.count = keep, 0
 
     def save(self, image, stem: str) -> str:
-        from .sample import save_png
-
         self.count += 1
-        path = save_png(image, self.dir / f"{stem}-{self.count:04d}.png")
+        path = api.save_png(image, self.dir / f"{stem}-{self.count:04d}.png")
         for old in sorted(self.dir.glob("*.png"), key=lambda p: p.stat().st_mtime)[:-self.keep]:
             old.unlink(missing_ok=True)
         return str(path)
@@ -156,8 +153,6 @@ def build_app(ckpt=None, *, loaded: Loaded | None = None):
     A checkpoint that fails to load gives a page that says why, with generation turned
     off, instead of no page at all.
     """
-    from . import api
-
     gr = _gradio()
     if loaded is None:
         try:
@@ -168,7 +163,6 @@ def build_app(ckpt=None, *, loaded: Loaded | None = None):
             loaded = Loaded(error=f"{type(e).__name__ + ': ' if not isinstance(e, MlxflowError) else ''}{e}")
     info, defaults = loaded.info, loaded.defaults
     kind = info.get("conditioning", "none")
-    interval = tuple(defaults["cfg_interval"]) if defaults.get("cfg_interval") else None
     outputs_dir = _Outputs()
     title = (f"mlxflow · {info['family']}/{info.get('preset') or 'custom'} · step {info['step']}"
              if not loaded.error else "mlxflow · no checkpoint")
@@ -181,8 +175,7 @@ def build_app(ckpt=None, *, loaded: Loaded | None = None):
             req = parse_request(kind, prompts_text, classes, n, steps, solver, cfg, seed, preview)
             yield None, "starting...", gr.update(value=None, visible=False)
             tic = time.perf_counter()
-            shift = api.default_shift(loaded.defaults, req["solver"])
-            for step, total, grid in api.sample_frames(loaded.model, loaded.ckpt, interval=interval, shift=shift, **req):
+            for step, total, grid in run_request(loaded, req):
                 if step < total:
                     yield _for_display(grid), f"step {step}/{total}", gr.skip()
             # The download is what `mlxflow sample` writes: the grid at 2x.

@@ -20,9 +20,9 @@ from conftest import caption_code_encoder, micro_emoji_config  # noqa: E402
 
 def main(argv: list[str]) -> int:
     import cli
-    from mlxflow import config
+    from mlxflow.configs import emoji as config
     from mlxflow.data.dataset import ImageTextDataset
-    from mlxflow.models import text
+    from mlxflow import encoders as text
 
     data = Path(argv[0])
     ds = ImageTextDataset.load(data)

@@ -19,7 +19,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlxflow.config import EmojiConfig, TrainConfig  # noqa: E402
+from mlxflow.config import TrainConfig  # noqa: E402
+from mlxflow.configs.emoji import EmojiConfig  # noqa: E402
 
 
 def micro_emoji_config(**overrides) -> EmojiConfig:
@@ -76,7 +77,8 @@ def assert_fast_path_changes_no_number(trainer, tmp_path, dataset, embeddings, m
     """Train 7 steps twice with `trainer` (train.train or train_torch.train_torch): through the
     host stream with a read-back every step, and with the set held on the device and losses
     read every 4 steps. Same batches, flips and noise: bitwise-equal reports and checkpoints."""
-    from mlxflow.checkpoint import list_checkpoints, load_checkpoint
+    from mlxflow.checkpoint import list_checkpoints
+    from mlxflow.families import load_checkpoint
 
     runs = []
     for name, device_data, log_every in (("host", False, 1), ("fast", True, 4)):
@@ -97,7 +99,7 @@ def assert_fast_path_changes_no_number(trainer, tmp_path, dataset, embeddings, m
 
 def caption_code_encoder(spec: str, captions: list[str], embeddings: np.ndarray):
     """A text encoder that returns the synthetic set's caption codes (zeros for unknown text)."""
-    from mlxflow.models.text import TextEncoder
+    from mlxflow.encoders import TextEncoder
 
     lookup = dict(zip(captions, embeddings))
     zeros = np.zeros(embeddings.shape[1:], np.float32)

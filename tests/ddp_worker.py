@@ -11,7 +11,7 @@ def run_rank(rank: int, world: int, port: int, run_dir: str, data_dir: str, emb_
     import torch
 
     from conftest import micro_emoji_config, quick_train_config
-    from mlxflow.train_torch import train_torch
+    from mlxflow.train.torch_session import train_torch
 
     torch.set_num_threads(1)  # two ranks share two cores
     # What torchrun would set; train_torch reads it and joins a gloo group.

@@ -18,7 +18,10 @@ import numpy as np
 import pytest
 
 from mlxflow import checkpoint as ck
-from mlxflow.checkpoint import broken_checkpoints, checkpoint_problem, list_checkpoints, load_checkpoint, resolve_checkpoint
+from mlxflow.checkpoint import broken_checkpoints, checkpoint_problem, list_checkpoints, resolve_checkpoint
+from mlxflow.config import TrainConfig
+from mlxflow.families import load_checkpoint
+from mlxflow.train.loop import checkpoint_to_resume
 from mlxflow.errors import MlxflowError
 from mlxflow.runlock import RunLock
 
@@ -225,7 +228,7 @@ def test_run_with_only_damaged_checkpoints_names_the_file(tmp_path):
         resolve_checkpoint(run)
     assert "step-0000001/model.safetensors is truncated" in one_line(e)
     with pytest.raises(MlxflowError, match="no checkpoint in .*damaged step-0000001"):
-        ck.checkpoint_to_resume(run, "latest", "emoji", ck.TrainConfig(steps=10))
+        checkpoint_to_resume(run, "latest", "emoji", TrainConfig(steps=10))
     (p / "model.safetensors").unlink()
     with pytest.raises(MlxflowError, match="model.safetensors is missing"):
         load_checkpoint(p)

@@ -70,8 +70,8 @@ def test_wrong_checkpoint(capsys, tmp_path):
 
 def test_train_sample_round_trip(capsys, tmp_path, monkeypatch):
     """Train through the CLI on a tiny synthetic set with a fake encoder, then sample a grid."""
-    from mlxflow import config
-    from mlxflow.models import text
+    from mlxflow.configs import emoji as config
+    from mlxflow import encoders as text
 
     ds, emb = make_shapes_dataset(tmp_path / "d", n=16)
 
@@ -114,8 +114,8 @@ def test_sample_with_the_torch_twin_matches_mlx(capsys, tmp_path, monkeypatch):
     pytest.importorskip("torch")
     from PIL import Image
 
-    from mlxflow.models import text
-    from mlxflow.train import train
+    from mlxflow import encoders as text
+    from mlxflow.train.mlx_session import train
 
     ds, emb = make_shapes_dataset(tmp_path / "d", n=16)
     monkeypatch.setitem(text._CACHE, "fake", caption_code_encoder("fake", ds.captions, emb))
@@ -130,3 +130,35 @@ def test_sample_with_the_torch_twin_matches_mlx(capsys, tmp_path, monkeypatch):
     assert grids["mlx"].shape == grids["torch"].shape
     # Same noise, same weights, fp32 in both: pixels differ by rounding at most one level.
     assert np.abs(grids["mlx"] - grids["torch"]).max() <= 1
+
+
+def test_cli_api_and_serve_draw_the_same_images(capsys, tmp_path, monkeypatch):
+    """No sampling flags anywhere: `mlxflow sample`, api.sample, a Generator and the web page's
+    defaults all resolve the family's defaults in one place and give bit-identical images."""
+    from PIL import Image
+
+    from mlxflow import api
+    from mlxflow import encoders as text
+    from mlxflow.serve import load, parse_request, run_request
+    from mlxflow.train.mlx_session import train
+
+    ds, emb = make_shapes_dataset(tmp_path / "d", n=16)
+    monkeypatch.setitem(text._CACHE, "fake", caption_code_encoder("fake", ds.captions, emb))
+    train(tmp_path / "r", ds, micro_emoji_config(), quick_train_config(steps=3), family="emoji",
+          text_encoder="fake", embeddings=emb)
+    prompts = ["red square", "blue disc"]
+    code, _, err = run(capsys, "sample", str(tmp_path / "r"), *prompts, "--output", str(tmp_path / "cli.png"))
+    assert code == 0, err
+    cli_grid = np.asarray(Image.open(tmp_path / "cli.png"))
+    api.sample(tmp_path / "r", prompts, tmp_path / "api.png", n=4)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "api.png")), cli_grid)
+    gen = api.generator(tmp_path / "r")
+    assert (gen.defaults.solver, gen.defaults.steps, gen.defaults.cfg) == ("ab2", 20, 3.0)  # the emoji family's
+    images = gen(prompts, n=4)
+    assert np.array_equal(np.asarray(api.make_grid(images, ncols=4, scale=2)), cli_grid)
+    loaded = load(tmp_path / "r")
+    d = loaded.defaults
+    req = parse_request("text", "\n".join(prompts), None, 4, d["steps"], d["solver"], d["cfg"], 0, 5)
+    *_, (step, total, grid) = run_request(loaded, req)
+    assert step == total == 20
+    assert np.array_equal(np.asarray(grid), cli_grid[::2, ::2])

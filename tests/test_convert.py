@@ -11,7 +11,8 @@ from mlx.utils import tree_flatten
 from conftest import micro_emoji_config
 from convert.torch_mlx import load_mlx_model, load_torch_model, mlx_to_torch, torch_to_mlx
 from mlxflow.checkpoint import save_checkpoint
-from mlxflow.config import TrainConfig, model_config
+from mlxflow.config import TrainConfig
+from mlxflow.families import model_config
 from mlxflow.errors import MlxflowError
 from mlxflow.models.emoji import EmojiFlow as MlxEmojiFlow
 from mlxflow.torch_ref.emoji import EmojiFlow as TorchEmojiFlow

@@ -264,7 +264,8 @@ def test_metadata_saved(fp32_package):
     m = ct.models.MLModel(str(fp32_package), skip_model_load=True)
     meta = m.user_defined_metadata
     assert meta["mlxflow.time_convention"] == coreml.TIME_CONVENTION
-    assert "heun" in meta["mlxflow.solver"] and "cfg 7.5" in meta["mlxflow.solver"]
+    # The family's own sampling defaults, the ones `mlxflow sample` uses (not a second set).
+    assert meta["mlxflow.solver"].startswith("ab2 20 steps, cfg 3 ")
     assert meta["mlxflow.family"] == "emoji" and meta["mlxflow.preset"] == "standin"
     assert json.loads(meta["mlxflow.text_encoder"])["name"].endswith("all-MiniLM-L6-v2")
     assert json.loads(meta["mlxflow.batch_sizes"]) == [1, 2]

@@ -16,7 +16,9 @@ from conftest import micro_emoji_config
 from convert.torch_mlx import load_mlx_model, load_torch_model
 from mlxflow.checkpoint import save_checkpoint
 from mlxflow.config import TrainConfig
-from mlxflow.crosscheck import crosscheck, crosscheck_models, render, run_crosscheck_cli
+from cli import build_parser, cmd_crosscheck
+from cli import render_crosscheck as render
+from mlxflow.crosscheck import crosscheck, crosscheck_models
 from mlxflow.errors import MlxflowError
 from mlxflow.models.emoji import EmojiFlow as MlxEmojiFlow
 
@@ -91,6 +93,14 @@ def test_tampered_twin_fails(ckpt):
     assert report.row("block down.1").passed and not report.row("block mid").passed  # localised
 
 
+def run_crosscheck_cli(ckpt, console, train_step=True, batch=2, steps=8, solver="heun", cfg_scale=3.0, tol=1e-4):
+    """`mlxflow crosscheck CKPT ...` printing to `console`; its exit code."""
+    args = build_parser().parse_args(["crosscheck", str(ckpt), "--batch", str(batch), "--steps", str(steps),
+                                      "--solver", solver, "--cfg", str(cfg_scale), "--tol", str(tol)]
+                                     + ([] if train_step else ["--no-train-step"]))
+    return cmd_crosscheck(args, console_out=console)
+
+
 def test_cli_entry(ckpt, tmp_path):
     out = io.StringIO()
     assert run_crosscheck_cli(ckpt, console=Console(file=out, width=140), train_step=False, **FAST) == 0
@@ -151,13 +161,13 @@ def _cross_attn_grads(model, text, framework="mlx"):
     if framework == "mlx":
         import mlx.nn as nn
 
-        from mlxflow.train import flow_matching_loss
+        from mlxflow.train.mlx_session import flow_matching_loss
 
         loss_and_grad = nn.value_and_grad(model, lambda *a: flow_matching_loss(model, *a, "velocity"))
         _, g = loss_and_grad(mx.array(x1), mx.array(x0), mx.array(t), mx.array(text))
         g = g["mid"]["cross_attn"][0]["attn"]
         return float(mx.abs(g["q_proj"]["weight"]).max()), float(mx.abs(g["k_proj"]["weight"]).max())
-    from mlxflow.train_torch import flow_matching_loss
+    from mlxflow.train.torch_session import flow_matching_loss
 
     model.zero_grad(set_to_none=True)
     nchw = lambda a: torch.from_numpy(a.transpose(0, 3, 1, 2).copy())  # noqa: E731

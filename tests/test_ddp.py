@@ -15,9 +15,9 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch without gloo", allow_module_level=True)
 
-from mlxflow.checkpoint import load_checkpoint  # noqa: E402
+from mlxflow.families import load_checkpoint  # noqa: E402
 from mlxflow.errors import MlxflowError  # noqa: E402
-from mlxflow.train_torch import train_torch  # noqa: E402
+from mlxflow.train.torch_session import train_torch  # noqa: E402
 
 from conftest import make_shapes_dataset, micro_emoji_config, quick_train_config  # noqa: E402
 
@@ -87,11 +87,11 @@ def test_two_ranks_match_single_process(tmp_path):
 
 
 def test_torchrun_entry_point(tmp_path):
-    """The documented command: torchrun --nproc_per_node 2 -m mlxflow.train_torch ..."""
+    """The documented command: torchrun --nproc_per_node 2 -m mlxflow train emoji --framework torch ..."""
     _, emb = make_shapes_dataset(tmp_path / "data", size=32)
     np.save(tmp_path / "emb.npy", emb)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "mlxflow.train_torch", "--family", "emoji", "--data", str(tmp_path / "data"),
+           "--master_port", str(free_port()), "-m", "mlxflow", "train", "emoji", "--framework", "torch", "--data", str(tmp_path / "data"),
            "--preset", "tiny", "--steps", "2", "--batch-size", "4", "--ckpt-every", "0",
            "--embeddings", str(tmp_path / "emb.npy"), "--out", str(tmp_path / "run")]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
@@ -106,7 +106,7 @@ def test_batch_must_split_across_ranks(tmp_path, monkeypatch):
     ds, emb = make_shapes_dataset(tmp_path / "data")
     # A 1-rank "world" of 3 would need a real group; check the message on a fake world size
     # without joining one by patching the setup to report 3 ranks.
-    import mlxflow.train_torch as tt
+    import mlxflow.train.torch_session as tt
 
     monkeypatch.setattr(tt, "_setup_distributed", lambda device: (0, 3, torch.device("cpu"), False))
     with pytest.raises(MlxflowError, match="batch_size 8 must be divisible by the number of processes \\(3\\)"):

@@ -14,7 +14,7 @@ from PIL import Image
 
 import cli
 from mlxflow import api
-from mlxflow.checkpoint import load_checkpoint
+from mlxflow.families import load_checkpoint
 from mlxflow.errors import MlxflowError
 from mlxflow.families import get_family
 from mlxflow.runlog import read_log
@@ -74,7 +74,7 @@ def test_cache_from_tar_shards_is_labelled_and_skips_the_corrupt_sample(cache):
 
 def test_trainer_conditions_are_the_t5_states_of_the_captions(cache, tmp_path):
     from mlxflow.models.text import load_text_encoder
-    from mlxflow.trainer import prepare_run
+    from mlxflow.train.loop import prepare_run
 
     fam = get_family("dit")
     plan = prepare_run(tmp_path / "run", "dit", cache, fam.model_config("tiny"), tiny_train())
@@ -91,7 +91,7 @@ def test_trainer_conditions_are_the_t5_states_of_the_captions(cache, tmp_path):
 
 
 def test_mlx_training_lowers_the_loss_logs_and_plots(cache, tmp_path):
-    from mlxflow.train import train
+    from mlxflow.train.mlx_session import train
 
     fam = get_family("dit")
     run = tmp_path / "run"
@@ -111,8 +111,8 @@ def test_mlx_training_lowers_the_loss_logs_and_plots(cache, tmp_path):
 
 
 def test_resume_is_exact_and_crosses_frameworks(cache, tmp_path):
-    from mlxflow.train import train
-    from mlxflow.train_torch import train_torch
+    from mlxflow.train.mlx_session import train
+    from mlxflow.train.torch_session import train_torch
 
     fam = get_family("dit")
     mcfg = fam.model_config("tiny")
@@ -129,8 +129,8 @@ def test_resume_is_exact_and_crosses_frameworks(cache, tmp_path):
 
 
 def test_torch_trainer_matches_mlx_first_step(cache, tmp_path):
-    from mlxflow.train import train
-    from mlxflow.train_torch import train_torch
+    from mlxflow.train.mlx_session import train
+    from mlxflow.train.torch_session import train_torch
 
     fam = get_family("dit")
     mcfg = fam.model_config("tiny")
@@ -142,7 +142,7 @@ def test_torch_trainer_matches_mlx_first_step(cache, tmp_path):
 
 def test_sample_crosscheck_and_cli(cache, tmp_path, capsys):
     from mlxflow.crosscheck import crosscheck
-    from mlxflow.train import train
+    from mlxflow.train.mlx_session import train
 
     fam = get_family("dit")
     run = tmp_path / "run"
@@ -156,15 +156,12 @@ def test_sample_crosscheck_and_cli(cache, tmp_path, capsys):
     assert "RANDOM" in capsys.readouterr().out
     assert "a red square" in api.checkpoint_info(run)["examples"]  # the web demo's example prompts
     # the web demo's progressive frames: decoded grids every `preview` steps, then the final one
-    from mlxflow.models import load_model
-
-    model, ck = load_model(run)
-    frames = list(api.sample_frames(model, ck, ["a red square"], n=2, steps=4, preview=2))
+    frames = list(api.sample_frames(api.generator(run), ["a red square"], n=2, steps=4, preview=2))
     assert [f[0] for f in frames] == [2, 4] and frames[-1][2].size[0] > 64
 
 
 def test_user_errors(cache, tmp_path):
-    from mlxflow.train import train
+    from mlxflow.train.mlx_session import train
 
     fam = get_family("dit")
     folder = tmp_path / "images"
@@ -205,7 +202,7 @@ def test_torchrun_ddp_on_a_latent_cache(cache, tmp_path):
         port = s.getsockname()[1]
     repo = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), "-m", "mlxflow.train_torch", "--family", "dit", "--data", str(cache.path),
+           "--master_port", str(port), "-m", "mlxflow", "train", "dit", "--framework", "torch", "--data", str(cache.path),
            "--preset", "tiny", "--steps", "2", "--batch-size", "8", "--ckpt-every", "0", "--out", str(tmp_path / "run")]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo))
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)

@@ -12,7 +12,7 @@ import torch
 from mlx.utils import tree_flatten
 
 from convert.torch_mlx import mlx_to_torch, torch_to_mlx
-from mlxflow.config import DIT_PRESETS, DIT_TRAIN_PRESETS, DiTConfig, dit_flops_per_image, dit_macs_per_image
+from mlxflow.configs.dit import DIT_PRESETS, DIT_TRAIN_PRESETS, DiTConfig, dit_flops_per_image, dit_macs_per_image
 from mlxflow.errors import MlxflowError
 from mlxflow.families import get_family
 from mlxflow.models import dit as mdit

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlxflow.config import model_config
+from mlxflow.families import model_config
 from mlxflow.errors import MlxflowError
 from mlxflow.models.emoji import EmojiFlow
 
@@ -183,7 +183,8 @@ def test_old_config_without_text_mask_loads_and_behaves_as_before():
     """A checkpoint config.json written before text_mask existed: plain mean, unmasked attention."""
     import dataclasses
 
-    from mlxflow.config import EmojiConfig, from_dict
+    from mlxflow.config import from_dict
+    from mlxflow.configs.emoji import EmojiConfig
 
     old = dataclasses.asdict(micro_emoji_config(text_tokens=4))
     del old["text_mask"]

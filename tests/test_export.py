@@ -8,7 +8,7 @@ import pytest
 import cli
 from mlxflow.checkpoint import save_checkpoint
 from mlxflow.crosscheck import crosscheck
-from mlxflow.train import train
+from mlxflow.train.mlx_session import train
 
 from conftest import caption_code_encoder, micro_emoji_config, quick_train_config
 
@@ -20,7 +20,7 @@ def trained(tmp_path_factory):
     """A micro checkpoint trained 4 steps by the MLX trainer on the synthetic shapes set."""
     from conftest import make_shapes_dataset
 
-    from mlxflow.models import text
+    from mlxflow import encoders as text
 
     root = tmp_path_factory.mktemp("trained")
     ds, emb = make_shapes_dataset(root / "data", n=16)
@@ -40,7 +40,7 @@ def test_crosscheck_on_mlx_trained_checkpoint(trained):
 
 def test_crosscheck_on_torch_trained_checkpoint(tmp_path):
     from conftest import make_shapes_dataset
-    from mlxflow.train_torch import train_torch
+    from mlxflow.train.torch_session import train_torch
 
     ds, emb = make_shapes_dataset(tmp_path / "data", n=16)
     out = train_torch(tmp_path / "run", ds, micro_emoji_config(), quick_train_config(steps=3), family="emoji",

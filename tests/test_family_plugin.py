@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 tnn = torch.nn
 
 from conftest import quick_train_config  # noqa: E402
-from mlxflow.checkpoint import load_checkpoint  # noqa: E402
+from mlxflow.families import load_checkpoint  # noqa: E402
 from mlxflow.errors import MlxflowError  # noqa: E402
 from mlxflow.families import Family, get_family, register, unregister  # noqa: E402
 
@@ -85,11 +85,11 @@ def _one_thread(one_torch_thread):
 def test_plugin_family_end_to_end(tmp_path, pixelx, shapes_dataset):
     from mlxflow import api
     from mlxflow.crosscheck import crosscheck
-    from mlxflow.train import train
-    from mlxflow.train_torch import train_torch
+    from mlxflow.train.mlx_session import train
+    from mlxflow.train.torch_session import train_torch
 
     from conftest import caption_code_encoder
-    from mlxflow.models import text
+    from mlxflow import encoders as text
 
     ds, emb = shapes_dataset
     cfg = pixelx.model_config()

@@ -11,11 +11,11 @@ from PIL import Image
 
 import cli
 from conftest import make_shapes_dataset, quick_train_config
-from mlxflow.checkpoint import load_checkpoint
-from mlxflow.config import JiTConfig
+from mlxflow.families import load_checkpoint
+from mlxflow.configs.jit import JiTConfig
 from mlxflow.errors import MlxflowError
 from mlxflow.families import get_family
-from mlxflow.train import train
+from mlxflow.train.mlx_session import train
 
 torch = pytest.importorskip("torch")
 
@@ -66,7 +66,7 @@ def test_recipe_is_the_papers():
 
 def test_text_conditioned_jit_trains_resumes_exactly_and_crosschecks(tmp_path, shapes_dataset):
     from mlxflow.crosscheck import crosscheck
-    from mlxflow.train_torch import train_torch
+    from mlxflow.train.torch_session import train_torch
 
     ds, emb = shapes_dataset
     kw = dict(family="jit", embeddings=emb)
@@ -161,8 +161,8 @@ def test_heun_with_an_euler_last_step_never_evaluates_t1():
 
 def test_second_ema_is_kept_resumed_and_sampled(tmp_path, shapes_dataset, capsys):
     """JiT keeps two EMAs (0.9999 and 0.9996 in its presets); both trainers carry the second."""
-    from mlxflow.models import text
-    from mlxflow.train_torch import train_torch
+    from mlxflow import encoders as text
+    from mlxflow.train.torch_session import train_torch
 
     from conftest import caption_code_encoder
 

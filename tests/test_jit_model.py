@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from mlx.utils import tree_flatten
 
 from mlxflow.errors import MlxflowError
-from mlxflow.config import JIT_PRESETS, JiTConfig, jit_flops_per_image, jit_macs_per_image
+from mlxflow.configs.jit import JIT_PRESETS, JiTConfig, jit_flops_per_image, jit_macs_per_image
 from mlxflow.models import jit as mjit
 from mlxflow.torch_ref import jit as tjit
 

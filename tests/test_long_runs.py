@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from conftest import make_shapes_dataset
-from mlxflow.checkpoint import checkpoint_step, list_checkpoints, load_checkpoint
+from mlxflow.checkpoint import checkpoint_step, list_checkpoints
+from mlxflow.families import load_checkpoint
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent

@@ -25,7 +25,7 @@ import pytest
 
 import cli
 from conftest import caption_code_encoder, make_shapes_dataset, micro_emoji_config
-from mlxflow.checkpoint import load_checkpoint
+from mlxflow.families import load_checkpoint
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
@@ -59,8 +59,9 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A micro emoji checkpoint trained for a few steps, and the fake encoder that embeds its captions."""
-    from mlxflow import api, config
-    from mlxflow.models import text
+    from mlxflow import api
+    from mlxflow.configs import emoji as config
+    from mlxflow import encoders as text
 
     steps = int(os.environ.get("MLXFLOW_SERVE_TRAIN_STEPS", "4"))
     root = tmp_path_factory.mktemp("serve")
@@ -349,7 +350,7 @@ def test_sample_frames_match_the_api_grid(checkpoint, tmp_path):
     from mlxflow.serve import load
 
     loaded = load(checkpoint)
-    frames = list(sample_frames(loaded.model, loaded.ckpt, ["red square"], n=2, steps=6, solver="euler",
+    frames = list(sample_frames(loaded.generator, ["red square"], n=2, steps=6, solver="euler",
                                 cfg_scale=2.0, seed=3, preview=2))
     assert [s for s, _, _ in frames] == [2, 4, 6] and all(total == 6 for _, total, _ in frames)
     api.sample(checkpoint, ["red square"], tmp_path / "g.png", n=2, steps=6, solver="euler", cfg_scale=2.0, seed=3)

@@ -11,6 +11,7 @@ import torch
 
 from convert.hf_t5 import (T5Config, hf_t5_key, make_tiny_t5, read_hf_t5, t5_key, t5_param_shapes)
 from mlxflow.errors import MlxflowError
+from mlxflow import encoders
 from mlxflow.models import t5 as mt5
 from mlxflow.torch_ref import t5 as tt5
 
@@ -65,12 +66,12 @@ def test_mlx_and_torch_twin_match_transformers(tmp_path, feed_forward_proj, fmt)
         ref = hf(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long())
     ref = ref.last_hidden_state.numpy()
 
-    mlx_model = mt5.load_t5_mlx(folder)
+    mlx_model = encoders.load_t5_mlx(folder)
     out = np.array(mlx_model(mx.array(ids), mx.array(mask)))
     assert out.dtype == np.float32 and out.shape == (3, 12, 32)
     assert np.abs(out - ref).max() < 1e-4
 
-    twin = tt5.load_t5_torch(folder)
+    twin = encoders.load_t5_torch(folder)
     with torch.no_grad():
         out_t = twin(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
     assert np.abs(out_t - ref).max() < 1e-4
@@ -100,7 +101,7 @@ def test_tiny_folder_loads_in_transformers_and_tokenizers(tmp_path):
 
     folder = make_tiny_t5(tmp_path / "tiny", feed_forward_proj="gated-gelu", seed=3)
     assert json.loads((folder / "config.json").read_text())["mlxflow_random"] is True
-    enc = mt5.T5TextEncoder(folder)
+    enc = encoders.T5TextEncoder(folder)
     assert enc.random and enc.tokens == 16 and enc.dim == 32
     texts = ["A red cat, smiling!", "big blue fish in water with an open mouth"]
     ids, mask = enc.tokenize(texts)
@@ -112,7 +113,7 @@ def test_tiny_folder_loads_in_transformers_and_tokenizers(tmp_path):
         ref = hf(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long())
     ref = ref.last_hidden_state.numpy() * mask[..., None]
     assert np.abs(enc.encode(texts) - ref).max() < 1e-4
-    twin = tt5.load_t5_torch(folder)
+    twin = encoders.load_t5_torch(folder)
     with torch.no_grad():
         out_t = twin(torch.from_numpy(ids), torch.from_numpy(mask)).numpy() * mask[..., None]
     assert np.abs(out_t - ref).max() < 1e-4
@@ -120,7 +121,7 @@ def test_tiny_folder_loads_in_transformers_and_tokenizers(tmp_path):
 
 def test_tokenizer_padding_truncation_and_eos(tmp_path):
     folder = make_tiny_t5(tmp_path / "tiny", max_length=8)
-    enc = mt5.T5TextEncoder(folder)
+    enc = encoders.T5TextEncoder(folder)
     vocab = enc.tokenizer.get_vocab()
     ids, mask = enc.tokenize(["Red CAT", "", "zebra", "a " * 20])
     assert ids.dtype == np.int32 and mask.dtype == np.int32 and ids.shape == mask.shape == (4, 8)
@@ -130,12 +131,12 @@ def test_tokenizer_padding_truncation_and_eos(tmp_path):
     assert list(ids[2, :2]) == [2, 1]  # unknown word -> <unk>, then EOS
     assert list(ids[3]) == [vocab["a"]] * 7 + [1] and mask[3].all()  # truncated, EOS kept last
     # An explicit max_length overrides the folder's.
-    assert mt5.T5TextEncoder(folder, max_length=5).tokenize(["red cat"])[0].shape == (1, 5)
+    assert encoders.T5TextEncoder(folder, max_length=5).tokenize(["red cat"])[0].shape == (1, 5)
 
 
 def test_encode_zeroes_padding_rows_and_ignores_padding(tmp_path):
     folder = make_tiny_t5(tmp_path / "tiny", max_length=8)
-    enc = mt5.T5TextEncoder(folder)
+    enc = encoders.T5TextEncoder(folder)
     texts = ["red heart", "green tree with a yellow sun"]
     out = enc.encode(texts)
     ids, mask = enc.tokenize(texts)
@@ -144,7 +145,7 @@ def test_encode_zeroes_padding_rows_and_ignores_padding(tmp_path):
     assert np.all(np.abs(out[mask == 1]).sum(-1) > 0)
     np.testing.assert_array_equal(out, enc.encode_ids(ids, mask))
     # The real tokens' states do not depend on how much padding follows them.
-    longer = mt5.T5TextEncoder(folder, max_length=12).encode(texts)
+    longer = encoders.T5TextEncoder(folder, max_length=12).encode(texts)
     assert np.abs(longer[:, :8] - out).max() < 1e-5 and np.all(longer[:, 8:] == 0)
     assert enc.encode([]).shape == (0, 8, 32)
 
@@ -154,9 +155,9 @@ def test_fully_padded_row_stays_finite(tmp_path):
     ids = np.zeros((2, 6), np.int32)
     mask = np.zeros((2, 6), np.int32)
     mask[0, :2] = 1
-    out = np.array(mt5.load_t5_mlx(folder)(mx.array(ids), mx.array(mask)))
+    out = np.array(encoders.load_t5_mlx(folder)(mx.array(ids), mx.array(mask)))
     with torch.no_grad():
-        out_t = tt5.load_t5_torch(folder)(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+        out_t = encoders.load_t5_torch(folder)(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
     assert np.isfinite(out).all() and np.isfinite(out_t).all()
     assert np.abs(out - out_t).max() < 1e-4
 
@@ -186,9 +187,9 @@ def test_folder_mismatches_are_one_line_errors(tmp_path):
     cfg = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**cfg, "d_ff": 65}))
     with pytest.raises(MlxflowError, match="does not fit the model: 'layers.0.ffn.wi.weight' has shape"):
-        mt5.load_t5_mlx(folder)
+        encoders.load_t5_mlx(folder)
     with pytest.raises(MlxflowError, match="does not fit"):
-        tt5.load_t5_torch(folder)
+        encoders.load_t5_torch(folder)
     (folder / "config.json").write_text(json.dumps({**cfg, "feed_forward_proj": "gated-silu"}))
     with pytest.raises(MlxflowError, match="feed_forward_proj 'gated-silu' is not supported"):
         read_hf_t5(folder)
@@ -205,7 +206,7 @@ def test_missing_folder_and_missing_weights_say_what_and_where(tmp_path, monkeyp
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     needed = "config.json, model.safetensors or pytorch_model.bin, tokenizer.json"
     with pytest.raises(MlxflowError) as err:
-        mt5.T5TextEncoder()
+        encoders.T5TextEncoder()
     msg = str(err.value)
     assert "\n" not in msg and needed in msg and "google-t5/t5-small" in msg
     assert str(cache / "models--google-t5--t5-small") in msg and str(home) in msg
@@ -215,31 +216,31 @@ def test_missing_folder_and_missing_weights_say_what_and_where(tmp_path, monkeyp
     snap.mkdir(parents=True)
     (snap / "config.json").write_text("{}")
     with pytest.raises(MlxflowError, match=re.escape(str(snap))):
-        mt5.T5TextEncoder()
+        encoders.T5TextEncoder()
 
     with pytest.raises(MlxflowError, match="T5 encoder folder not found"):
-        mt5.T5TextEncoder(tmp_path / "nowhere")
+        encoders.T5TextEncoder(tmp_path / "nowhere")
     bare = make_tiny_t5(tmp_path / "bare")
     (bare / "model.safetensors").unlink()
     with pytest.raises(MlxflowError, match=re.escape(f"{bare} is not a T5 encoder folder: it needs {needed}")):
-        mt5.T5TextEncoder(bare)
+        encoders.T5TextEncoder(bare)
     with pytest.raises(MlxflowError, match="is not a T5 encoder folder"):
-        tt5.load_t5_torch(bare)
+        encoders.load_t5_torch(bare)
 
     # ...and the default location is really used once a snapshot has the files.
     full = make_tiny_t5(cache / "models--google-t5--t5-small" / "snapshots" / "def456")
-    enc = mt5.T5TextEncoder()
+    enc = encoders.T5TextEncoder()
     assert enc.folder == full.resolve() and enc.spec == "t5" and enc.id == "t5-small"
 
 
 def test_load_text_encoder_spec(tmp_path):
-    from mlxflow.models.text import ENCODERS, known_encoders, load_text_encoder
+    from mlxflow.encoders import ENCODERS, known_encoders, load_text_encoder
 
     assert "t5" in known_encoders() and "t5:DIR" in known_encoders()
     assert (ENCODERS["t5"].tokens, ENCODERS["t5"].dim) == (128, 512)  # t5-small, what the dit family expects
     folder = make_tiny_t5(tmp_path / "tiny", d_model=24, num_heads=3, d_kv=8, max_length=10)
     enc = load_text_encoder(f"t5:{folder}")
-    assert isinstance(enc, mt5.T5TextEncoder)
+    assert isinstance(enc, encoders.T5TextEncoder)
     assert (enc.dim, enc.tokens, enc.random) == (24, 10, True)
     assert re.fullmatch(r"[A-Za-z0-9._-]+", enc.id) and "random" in enc.id
     e = enc.encode(["a happy dog", "sun"])

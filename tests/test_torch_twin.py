@@ -11,7 +11,7 @@ from mlx.utils import tree_flatten
 from conftest import micro_emoji_config
 from convert.torch_mlx import layout_table, mlx_to_torch
 from mlxflow import layers as ml
-from mlxflow.config import model_config
+from mlxflow.families import model_config
 from mlxflow.models.emoji import EmojiFlow as MlxEmojiFlow
 from mlxflow.torch_ref import default_device
 from mlxflow.torch_ref import layers as tl

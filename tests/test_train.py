@@ -5,9 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from mlxflow.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from mlxflow.checkpoint import list_checkpoints, save_checkpoint
+
+from mlxflow.families import load_checkpoint
 from mlxflow.errors import MlxflowError
-from mlxflow.train import train
+from mlxflow.train.mlx_session import train
 
 from conftest import assert_fast_path_changes_no_number, quick_train_config
 
@@ -54,8 +56,8 @@ def test_compiled_step_reads_the_learning_rate_it_is_given(micro_config):
     from mlx.utils import tree_flatten
 
     from mlxflow.config import TrainConfig
-    from mlxflow.models import build_model
-    from mlxflow.train import make_optimizer, make_train_step, step_key
+    from mlxflow.families import build_model
+    from mlxflow.train.mlx_session import make_optimizer, make_train_step, step_key
 
     cfg = TrainConfig(batch_size=2, lr=1e-2, ema_decay=0.9)
     model, ema = build_model("emoji", micro_config), build_model("emoji", micro_config)
@@ -120,7 +122,7 @@ def test_resume_errors(tmp_path, shapes_dataset, micro_config):
 
 
 def test_wrong_checkpoint_is_refused(tmp_path, micro_config):
-    from mlxflow.sample import load_model
+    from mlxflow.families import load_model
 
     from conftest import micro_emoji_config, quick_train_config as q
     save_checkpoint(tmp_path / "x", 1, family="emoji", model_config=micro_config, train_config=q(),
@@ -130,7 +132,7 @@ def test_wrong_checkpoint_is_refused(tmp_path, micro_config):
     # Weights of a narrower model under the config of a wider one: the first misfit is named.
     from mlx.utils import tree_flatten
 
-    from mlxflow.models import build_model
+    from mlxflow.families import build_model
 
     other = micro_emoji_config(channels=(8, 16), groups=4)
     narrow = {k: np.zeros(v.shape, np.float32) for k, v in tree_flatten(build_model("emoji", other).parameters())}
@@ -169,7 +171,7 @@ def test_losses_are_read_per_window_or_once_a_slow_window_passes_a_second(
     import types
 
     from mlxflow import trainer
-    from mlxflow.train import MLXSession
+    from mlxflow.train.mlx_session import MLXSession
 
     clock = itertools.count(0.0, seconds_per_step)
     monkeypatch.setattr(trainer, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))

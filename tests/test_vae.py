@@ -15,7 +15,9 @@ from safetensors.numpy import load_file, save_file
 
 from convert.hf_vae import SAFETENSORS, from_diffusers, to_diffusers, vae_key
 from mlxflow.errors import MlxflowError
-from mlxflow.models.vae import AutoencoderKL, LatentVAE, VAEConfig, load_autoencoder, make_tiny_vae
+from mlxflow.configs.encoders import VAEConfig
+from mlxflow.encoders import LatentVAE, load_autoencoder, make_tiny_vae
+from mlxflow.models.vae import AutoencoderKL
 
 TOL = 1e-4
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..config import DiTConfig
+from ..configs.dit import DiTConfig
 from ..errors import MlxflowError
 from ..layers import Attention, TimestepEmbedding, modulate
 

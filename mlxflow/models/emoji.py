@@ -16,7 +16,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..config import EmojiConfig
+from ..configs.emoji import EmojiConfig
 from ..layers import Attention, TimestepEmbedding, group_norm, upsample_nearest_2x
 
 # Additive attention score for padded text keys: the value of models/text.py. Finite in

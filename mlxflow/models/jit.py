@@ -17,7 +17,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..errors import MlxflowError
-from ..config import JiTConfig
+from ..configs.jit import JiTConfig
 from ..layers import (Attention, RMSNorm, SwiGLU, TimestepEmbedding, apply_rope, axial_rope_2d, modulate,
                       sincos_position_embedding_2d)
 

@@ -15,18 +15,15 @@ with padding rows exactly 0 (the DiT derives its key-padding mask from all-zero 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
-from convert.hf_t5 import T5Config
-from ..errors import MlxflowError
+from ..configs.encoders import T5Config
 from ..layers import RMSNorm
-from .text import MASK_VALUE, TextEncoder, _slug
+from .text import MASK_VALUE
 
-__all__ = ["T5Config", "T5Encoder", "T5TextEncoder", "load_t5_mlx", "relative_position_bucket"]
+__all__ = ["T5Config", "T5Encoder", "relative_position_bucket"]
 
 
 def relative_position_bucket(relative_position: mx.array, num_buckets: int = 32, max_distance: int = 128) -> mx.array:
@@ -135,93 +132,3 @@ class T5Encoder(nn.Module):
         for layer in self.layers:
             x = layer(x, bias)
         return self.final_norm(x)
-
-
-def load_t5_mlx(path=None) -> T5Encoder:
-    """T5Encoder with the weights of an HF T5 folder (`path`, or t5-small from the HF cache/hub)."""
-    from convert.hf_t5 import locate_t5_folder, read_hf_t5
-    from mlx.utils import tree_flatten
-
-    from ..checkpoint import check_weights_fit
-
-    folder = locate_t5_folder(path)
-    config, weights = read_hf_t5(folder)
-    model = T5Encoder(config)
-    expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
-    check_weights_fit(expected, weights, f"T5 encoder {folder}")
-    model.load_weights([(k, mx.array(v)) for k, v in weights.items()])
-    model.eval()
-    mx.eval(model.parameters())
-    return model
-
-
-def load_t5_tokenizer(folder: Path, max_length: int):
-    """tokenizers.Tokenizer from tokenizer.json: truncated to max_length (EOS kept), padded to it with id 0."""
-    from tokenizers import Tokenizer
-
-    try:
-        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    except Exception as e:  # the Rust side raises plain Exceptions for malformed files
-        raise MlxflowError(f"{folder / 'tokenizer.json'} is not a readable tokenizer: {e}") from None
-    # T5's tokenizer.json appends </s> in its post-processor; tokenizers reserves room for
-    # it when truncating, so a long caption keeps its EOS as HF's T5 tokenizer does.
-    tok.enable_truncation(max_length=max_length)
-    tok.enable_padding(length=max_length, pad_id=0, pad_token=tok.id_to_token(0) or "<pad>")
-    return tok
-
-
-class T5TextEncoder(TextEncoder):
-    """Captions -> T5 encoder states (N, max_length, d_model) float32, padding rows exactly 0.
-
-    path: an HF T5 folder (config.json, model.safetensors or pytorch_model.bin, tokenizer.json);
-    None finds google-t5/t5-small in the HF cache or hub. max_length: tokens per caption;
-    None takes the folder's "mlxflow_max_length" (tiny random folders) or 128.
-    """
-
-    batch_size = 64  # captions per forward pass; bounds memory when a whole dataset is encoded
-
-    def __init__(self, path: str | Path | None = None, max_length: int | None = None):
-        from convert.hf_t5 import folder_settings, locate_t5_folder
-
-        folder = locate_t5_folder(path).resolve()
-        settings = folder_settings(folder)
-        self.model = load_t5_mlx(folder)
-        self.config = self.model.config
-        self.folder = folder
-        self.random = settings["random"]
-        self.max_length = int(max_length or settings["max_length"] or 128)
-        if self.max_length < 1:
-            raise MlxflowError(f"T5 max_length must be >= 1, got {self.max_length}")
-        self.tokenizer = load_t5_tokenizer(folder, self.max_length)
-        self.tokens = self.max_length
-        self.dim = self.config.d_model
-        if path is None:
-            self.id, self.spec = "t5-small", "t5"
-        else:
-            self.id = f"t5-{'random-' if self.random else ''}{_slug(folder)}"
-            self.spec = f"t5:{folder}"
-
-    def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(ids int32 (N, max_length), mask int32 (N, max_length)); EOS appended, pad id 0."""
-        enc = self.tokenizer.encode_batch(list(texts))
-        ids = np.array([e.ids for e in enc], np.int32).reshape(len(enc), self.max_length)
-        mask = np.array([e.attention_mask for e in enc], np.int32).reshape(len(enc), self.max_length)
-        if ids.size and ids.max() >= self.config.vocab_size:
-            raise MlxflowError(f"{self.folder}: tokenizer.json produced id {ids.max()} beyond the model's "
-                               f"vocabulary of {self.config.vocab_size}")
-        return ids, mask
-
-    def encode_ids(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """(ids (N, L), mask (N, L)) -> (N, L, d_model) float32, rows where mask == 0 set to 0."""
-        ids, mask = np.asarray(ids), np.asarray(mask)
-        out = np.zeros((*ids.shape, self.dim), np.float32)
-        for s in range(0, len(ids), self.batch_size):
-            m = mx.array(mask[s:s + self.batch_size].astype(np.int32))
-            h = self.model(mx.array(ids[s:s + self.batch_size].astype(np.int32)), m)
-            out[s:s + self.batch_size] = np.array((h * m[..., None]).astype(mx.float32))
-        return out
-
-    def encode(self, texts: list[str]) -> np.ndarray:
-        if not texts:
-            return np.zeros((0, self.tokens, self.dim), np.float32)
-        return self.encode_ids(*self.tokenize(texts))

@@ -10,90 +10,20 @@ attention names and conv layouts. Everything here is channels-last:
 
     AutoencoderKL.encode  (B, H, W, 3) -> mean, logvar  each (B, H/8, W/8, 4)   (unscaled)
     AutoencoderKL.decode  (B, h, w, 4) unscaled z -> (B, 8h, 8w, 3)
-    LatentVAE             numpy in/out, batched, scaled latents: what the rest of mlxflow uses
+    mlxflow.encoders.LatentVAE wraps it: numpy in/out, batched, scaled latents
 """
 
 from __future__ import annotations
 
-import json
-import re
-from dataclasses import dataclass, fields
-from pathlib import Path
-
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
-from ..errors import MlxflowError
+from ..configs.encoders import VAEConfig
 from ..layers import upsample_nearest_2x
 
-HUB_REPOS = ["stabilityai/sd-vae-ft-mse"]
-REQUIRED_FILES = [("config.json",), ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")]
 # diffusers clamps the log-variance of its DiagonalGaussianDistribution to this range.
 LOGVAR_RANGE = (-30.0, 20.0)
 EPS = 1e-6  # every GroupNorm of the SD VAE (resnets, attention, conv_norm_out)
-
-
-@dataclass
-class VAEConfig:
-    """The fields of a diffusers AutoencoderKL config.json that shape the network.
-
-    Defaults are stabilityai/sd-vae-ft-mse's. Unknown keys of config.json are ignored.
-    """
-
-    in_channels: int = 3
-    out_channels: int = 3
-    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
-    layers_per_block: int = 2
-    latent_channels: int = 4
-    norm_num_groups: int = 32
-    scaling_factor: float = 0.18215
-    shift_factor: float | None = None
-    use_quant_conv: bool = True
-    use_post_quant_conv: bool = True
-    mid_block_add_attention: bool = True
-
-    def __post_init__(self):
-        self.block_out_channels = tuple(int(c) for c in self.block_out_channels)
-        if not self.block_out_channels:
-            raise MlxflowError("VAE config: block_out_channels is empty")
-        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
-        if bad:
-            raise MlxflowError(f"VAE config: block_out_channels {bad} not divisible by norm_num_groups "
-                               f"{self.norm_num_groups}")
-
-    @property
-    def downsample(self) -> int:
-        return 2 ** (len(self.block_out_channels) - 1)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "VAEConfig":
-        # Refuse what this network does not implement rather than load weights into the wrong graph.
-        if d.get("act_fn", "silu") != "silu":
-            raise MlxflowError(f"VAE config: act_fn '{d['act_fn']}' is not supported (silu only)")
-        for key, kind in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
-            other = [t for t in d.get(key, ()) if t != kind]
-            if other:
-                raise MlxflowError(f"VAE config: {key} {other[0]} is not supported ({kind} only)")
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    @classmethod
-    def from_file(cls, path) -> "VAEConfig":
-        return cls.from_dict(read_config_json(path))
-
-
-def read_config_json(path) -> dict:
-    path = Path(path)
-    try:
-        d = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise MlxflowError(f"VAE config not found: {path}") from None
-    except (OSError, ValueError) as e:
-        raise MlxflowError(f"cannot read VAE config {path}: {' '.join(str(e).split())}") from None
-    if not isinstance(d, dict):
-        raise MlxflowError(f"VAE config {path} is not a JSON object")
-    return d
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -284,161 +214,7 @@ class AutoencoderKL(nn.Module):
         return self.decode(self.encode(images)[0])
 
 
-# --- loading ------------------------------------------------------------------------------
-
 def parameter_shapes(model: nn.Module) -> dict[str, tuple]:
     from mlx.utils import tree_flatten
 
     return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
-
-
-def load_autoencoder(folder) -> tuple[AutoencoderKL, dict]:
-    """(model with the folder's weights, config.json dict) from a diffusers AutoencoderKL folder."""
-    from convert.hf_vae import read_hf_vae
-
-    from ..checkpoint import check_weights_fit
-
-    folder = Path(folder)
-    raw_config, weights = read_hf_vae(folder)
-    model = AutoencoderKL(VAEConfig.from_dict(raw_config))
-    check_weights_fit(parameter_shapes(model), weights, f"VAE weights in {folder}")
-    model.load_weights([(k, mx.array(v)) for k, v in weights.items()])
-    mx.eval(model.parameters())
-    return model, raw_config
-
-
-def _slug(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:8]
-
-
-class LatentVAE:
-    """The SD VAE as mlxflow's latent codec: numpy float32 in and out, batched internally.
-
-    path: a diffusers AutoencoderKL folder; None looks for stabilityai/sd-vae-ft-mse in the
-    Hugging Face cache (then the hub, when reachable) via convert.hf_hub.locate_hf_folder.
-
-    Latents are scaled: encode returns (z - shift) * scaling_factor, which has roughly unit
-    variance, and decode undoes it before the network, as diffusers' pipelines do.
-    """
-
-    def __init__(self, path=None, batch_size: int = 16):
-        from convert.hf_hub import locate_hf_folder
-
-        folder = locate_hf_folder("SD VAE", HUB_REPOS, required=REQUIRED_FILES, path=path)
-        self.model, raw = load_autoencoder(folder)
-        cfg = self.model.config
-        self.folder = Path(folder)
-        self.config = cfg
-        self.spec = "sd-vae" if path is None else f"sd-vae:{path}"
-        self.id = "sd-vae" if path is None else f"sd-vae-{_slug(self.folder)}"
-        self.scaling_factor = float(cfg.scaling_factor)
-        self.shift_factor = None if cfg.shift_factor is None else float(cfg.shift_factor)
-        self._shift = self.shift_factor or 0.0
-        self.latent_channels = cfg.latent_channels
-        self.downsample = cfg.downsample
-        # make_tiny_vae marks its folders so runs on random weights can say so.
-        self.random = bool(raw.get("mlxflow_random", False))
-        self.batch_size = max(1, int(batch_size))
-        self._encode = mx.compile(self.model.encode)
-        self._decode = mx.compile(self.model.decode)
-
-    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        """(h, w, C) of the latents of an (height, width) image."""
-        f = self.downsample
-        if height % f or width % f:
-            raise MlxflowError(f"the SD VAE needs image sides divisible by {f}, got {height}x{width}")
-        return (height // f, width // f, self.latent_channels)
-
-    def encode(self, images: np.ndarray, sample: bool = False, seed: int = 0) -> np.ndarray:
-        """images (N, H, W, 3) float in [-1, 1] -> scaled latents (N, H/f, W/f, C) float32.
-
-        sample=False takes the posterior mean; sample=True draws mean + std * noise with
-        the noise from `seed` for the whole call, so the result does not depend on batching.
-        """
-        images = np.asarray(images, dtype=np.float32)
-        if images.ndim != 4 or images.shape[-1] != self.config.in_channels:
-            raise MlxflowError(f"the SD VAE encodes (N, H, W, {self.config.in_channels}) images, "
-                               f"got shape {images.shape}")
-        h, w, c = self.latent_shape(images.shape[1], images.shape[2])
-        noise = np.random.default_rng(seed).standard_normal((len(images), h, w, c), dtype=np.float32) \
-            if sample else None
-        out = np.empty((len(images), h, w, c), np.float32)
-        for i in range(0, len(images), self.batch_size):
-            mean, logvar = self._encode(mx.array(images[i:i + self.batch_size]))
-            z = mean
-            if sample:
-                z = mean + mx.exp(0.5 * logvar) * mx.array(noise[i:i + self.batch_size])
-            out[i:i + self.batch_size] = np.array((z - self._shift) * self.scaling_factor)
-        return out
-
-    def decode(self, latents: np.ndarray) -> np.ndarray:
-        """scaled latents (N, h, w, C) -> images (N, h*f, w*f, 3) float32, clipped to [-1, 1]."""
-        latents = np.asarray(latents, dtype=np.float32)
-        if latents.ndim != 4 or latents.shape[-1] != self.latent_channels:
-            raise MlxflowError(f"the SD VAE decodes (N, h, w, {self.latent_channels}) latents, "
-                               f"got shape {latents.shape}")
-        f = self.downsample
-        n, h, w, _ = latents.shape
-        out = np.empty((n, h * f, w * f, self.config.out_channels), np.float32)
-        for i in range(0, n, self.batch_size):
-            z = mx.array(latents[i:i + self.batch_size]) / self.scaling_factor + self._shift
-            out[i:i + self.batch_size] = np.array(mx.clip(self._decode(z), -1.0, 1.0))
-        return out
-
-
-_CACHE: dict[str, LatentVAE] = {}
-
-
-def load_latent_vae(spec: str = "sd-vae") -> LatentVAE:
-    """`sd-vae` (the hub cache / hub) or `sd-vae:DIR` -> a LatentVAE, loaded once per spec."""
-    name, _, arg = spec.partition(":")
-    if name != "sd-vae":
-        raise MlxflowError(f"unknown VAE '{spec}' (known: sd-vae, sd-vae:DIR)")
-    if spec not in _CACHE:
-        _CACHE[spec] = LatentVAE(arg or None)
-    return _CACHE[spec]
-
-
-# --- random folders for tests and labelled CPU runs ----------------------------------------
-
-def make_tiny_vae(folder, *, seed: int = 0, block_out_channels=(16, 32, 32, 32), layers_per_block: int = 1,
-                  latent_channels: int = 4, norm_num_groups: int = 8) -> Path:
-    """Write a diffusers AutoencoderKL folder with random weights; returns the folder.
-
-    4 levels keep the real VAE's 8x downsampling (64x64 -> 8x8). config.json carries
-    `"mlxflow_random": true`, so LatentVAE.random tells runs on it apart. The folder also
-    loads in diffusers' AutoencoderKL.from_pretrained.
-    """
-    from convert.hf_vae import write_diffusers_folder
-
-    cfg = VAEConfig(block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
-                    latent_channels=latent_channels, norm_num_groups=norm_num_groups)
-    rng = np.random.default_rng(seed)
-    weights = {}
-    for key, shape in parameter_shapes(AutoencoderKL(cfg)).items():
-        if re.search(r"(norm\w*)\.weight$", key):
-            w = 1.0 + 0.1 * rng.standard_normal(shape)
-        elif key.endswith(".bias"):
-            w = 0.05 * rng.standard_normal(shape)
-        else:  # fan-in scaled, so activations stay O(1) through the depth of the network
-            fan_in = int(np.prod(shape[1:]))
-            w = rng.standard_normal(shape) / np.sqrt(fan_in)
-        weights[key] = w.astype(np.float32)
-    config = {
-        "_class_name": "AutoencoderKL",
-        "in_channels": cfg.in_channels,
-        "out_channels": cfg.out_channels,
-        "down_block_types": ["DownEncoderBlock2D"] * len(cfg.block_out_channels),
-        "up_block_types": ["UpDecoderBlock2D"] * len(cfg.block_out_channels),
-        "block_out_channels": list(cfg.block_out_channels),
-        "layers_per_block": cfg.layers_per_block,
-        "act_fn": "silu",
-        "latent_channels": cfg.latent_channels,
-        "norm_num_groups": cfg.norm_num_groups,
-        "sample_size": 64,
-        "scaling_factor": cfg.scaling_factor,
-        "mlxflow_random": True,
-    }
-    return write_diffusers_folder(folder, config, weights)

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import DiTConfig
+from ..configs.dit import DiTConfig
 from ..errors import MlxflowError
 from .layers import Attention, TimestepEmbedding, modulate
 

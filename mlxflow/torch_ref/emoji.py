@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import EmojiConfig
+from ..configs.emoji import EmojiConfig
 from .layers import Attention, TimestepEmbedding, group_norm, upsample_nearest_2x
 
 # Additive attention score for padded text keys: the value of models/text.py. Finite in

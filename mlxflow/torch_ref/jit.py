@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import MlxflowError
-from ..config import JiTConfig
+from ..configs.jit import JiTConfig
 from .layers import (Attention, RMSNorm, SwiGLU, TimestepEmbedding, apply_rope, axial_rope_2d, modulate,
                      sincos_position_embedding_2d)
 

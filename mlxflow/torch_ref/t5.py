@@ -13,10 +13,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from convert.hf_t5 import T5Config
+from ..configs.encoders import T5Config
 from .layers import RMSNorm
 
-__all__ = ["T5Config", "T5Encoder", "load_t5_torch", "relative_position_bucket"]
+__all__ = ["T5Config", "T5Encoder", "relative_position_bucket"]
 
 # Additive score for padding keys: zero attention weight, yet finite (see models/text.py).
 MASK_VALUE = -1e4
@@ -129,17 +129,3 @@ class T5Encoder(nn.Module):
         for layer in self.layers:
             x = layer(x, bias)
         return self.final_norm(x)
-
-
-def load_t5_torch(path=None, device: str | torch.device = "cpu") -> T5Encoder:
-    """The torch twin with the weights of an HF T5 folder (`path`, or t5-small from the HF cache/hub), eval mode."""
-    from convert.hf_t5 import locate_t5_folder, read_hf_t5
-    from mlxflow.checkpoint import check_weights_fit
-
-    folder = locate_t5_folder(path)
-    config, weights = read_hf_t5(folder)
-    model = T5Encoder(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_weights_fit(expected, weights, f"T5 encoder {folder}")
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=True)
-    return model.to(device).eval()

@@ -84,39 +84,3 @@ class BertEncoder(nn.Module):
         if self.normalize:
             pooled = pooled / pooled.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         return pooled
-
-
-def load_bert_encoder(folder) -> BertEncoder:
-    """The torch twin with a Hugging Face sentence-encoder folder's weights (eval mode)."""
-    from convert.hf_text import normalizes, pooling_mode, read_hf_bert
-    from mlxflow.checkpoint import check_weights_fit
-
-    config, weights = read_hf_bert(folder)
-    model = BertEncoder(config, pooling=pooling_mode(folder), normalize=normalizes(folder))
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_weights_fit(expected, weights, f"text encoder {folder}")
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=True)
-    return model.eval()
-
-
-def load_text_encoder_torch(spec: str, device="cpu"):
-    """A frozen text encoder on `device` for trainers that read token ids (a latent cache):
-    (ids (B, L) int, mask (B, L) 0/1) -> float32 (B, L, D) states with padding rows exactly 0,
-    the same numbers as the MLX encoder's `encode_ids` for the same spec."""
-    import torch
-
-    from ..errors import MlxflowError
-
-    name, _, arg = spec.partition(":")
-    if name != "t5":
-        raise MlxflowError(f"text encoder '{spec}' has no torch twin for token ids (known: t5, t5:DIR)")
-    from .t5 import load_t5_torch
-
-    model = load_t5_torch(arg or None, device=device)
-    model.requires_grad_(False)
-
-    def encode(ids, mask):
-        mask = mask.to(torch.float32)
-        return model(ids.long(), mask).float() * mask[..., None]
-
-    return encode

@@ -1,12 +1,7 @@
-"""`mlxflow export coreml`: checkpoint -> verified Core ML denoiser + the text side for an app.
+"""`mlxflow export coreml`: a checkpoint -> the folder an app ships, verified before it is written.
 
-Output folder:
-    EmojiDenoiser.mlpackage   (x_t, t, text) -> velocity, verified against the torch twin
-    labels.json + label_embeddings.bin   the training prompts and their frozen embeddings,
-                              so an app can draw every training emoji with no text encoder
-    TextEncoder.mlpackage     the MiniLM text encoder, when the checkpoint uses it
-    vocab.txt                 its WordPiece vocabulary (tokenisation happens in the app)
-    export.json               what was exported, sizes, PSNRs
+convert/coreml.py converts and verifies the denoiser; convert/text_coreml.py the MiniLM
+text encoder; this module puts them together with the label table and export.json.
 """
 
 from __future__ import annotations
@@ -14,20 +9,32 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import MlxflowError
+from mlxflow.data.dataset import ImageTextDataset
+from mlxflow.encoders import load_text_encoder
+from mlxflow.errors import MlxflowError
+from mlxflow.families import family_names, get_family
+
+from .coreml import (PSNR_GATE_DB, TIME_CONVENTION, export_and_verify, export_label_table, solver_advice,
+                     velocity_model)
+from .text_coreml import export_text_encoder
+from .torch_mlx import load_torch_model
 
 
-def export_coreml(ckpt, out_dir, *, precision: str = "fp16", compress: str | None = None,
-                  batch_sizes=(1, 2), min_psnr: float = 35.0, data=None, text_encoder: bool = True,
-                  deployment_target: str = "iOS17") -> dict:
-    """Export, verify (PSNR gate) and write the app bundle; returns a flat report dict."""
-    from convert.coreml import SOLVER_ADVICE, TIME_CONVENTION, export_and_verify, export_label_table, velocity_model
-    from convert.torch_mlx import load_torch_model
+def export_app(ck, out_dir, *, precision: str = "fp16", compress: str | None = None,
+               batch_sizes=(1, 2), min_psnr: float = PSNR_GATE_DB, data=None, text_encoder: bool = True,
+               deployment_target: str = "iOS17") -> dict:
+    """`mlxflow export coreml`: a loaded Checkpoint -> the app bundle in `out_dir`, verified.
 
-    from .checkpoint import load_checkpoint
-    from .families import family_names, get_family
-
-    ck = load_checkpoint(ckpt)
+    Output folder:
+        EmojiDenoiser.mlpackage   (x_t, t, text) -> velocity, verified against the torch twin
+        labels.json + label_embeddings.bin   the training prompts and their frozen embeddings,
+                                  so an app can draw every training emoji with no text encoder
+        TextEncoder.mlpackage     the MiniLM text encoder, when the checkpoint uses it
+        vocab.txt                 its WordPiece vocabulary (tokenisation happens in the app)
+        export.json               what was exported, sizes, PSNRs, the family's sampling defaults
+    Returns a flat report dict. Errors: MlxflowError for a family without Core ML support,
+    a PSNR below `min_psnr` (dB) or a label table that does not fit the model.
+    """
     fam = get_family(ck.family)
     if not fam.coreml:
         supported = [f for f in family_names() if get_family(f).coreml]
@@ -35,8 +42,11 @@ def export_coreml(ckpt, out_dir, *, precision: str = "fp16", compress: str | Non
     torch_model, ck = load_torch_model(ck, device="cpu", use_ema=True)
     cfg = ck.model_config
     out_dir = Path(out_dir)
+    d = fam.sample_defaults
+    advice = solver_advice(ck.family)
     metadata = {"family": ck.family, "preset": ck.train_config.preset, "train_steps": ck.step,
-                "text_encoder": ck.text_encoder, "time_convention": TIME_CONVENTION, "solver_advice": SOLVER_ADVICE,
+                "text_encoder": ck.text_encoder, "time_convention": TIME_CONVENTION, "solver_advice": advice,
+                "sample_steps": d["steps"], "sample_solver": d["solver"], "sample_cfg": d["cfg"],
                 "image_size": cfg.image_size, "prediction": fam.prediction}
     report = export_and_verify(velocity_model(torch_model, fam.prediction), out_path=out_dir / "EmojiDenoiser.mlpackage", image_size=cfg.image_size,
                                channels=cfg.in_channels, text_tokens=cfg.text_tokens, text_dim=cfg.text_dim,
@@ -55,9 +65,6 @@ def export_coreml(ckpt, out_dir, *, precision: str = "fp16", compress: str | Non
 
 
 def _export_labels(ck, out_dir: Path, data, export_label_table) -> str:
-    from .data.dataset import ImageTextDataset
-    from .models.text import load_text_encoder
-
     data = data or ck.state.get("dataset")
     if not data or not Path(data).exists():
         return "skipped: training dataset not found (pass --data DIR)"
@@ -72,8 +79,4 @@ def _export_labels(ck, out_dir: Path, data, export_label_table) -> str:
 
 
 def _export_text_encoder(ck, out_dir: Path, precision: str) -> str:
-    try:
-        from convert.text_coreml import export_text_encoder
-    except ImportError:
-        return "skipped: no Core ML exporter for this encoder"
     return export_text_encoder(ck.text_encoder, out_dir, precision=precision)

@@ -38,12 +38,19 @@ from typing import Callable
 
 import numpy as np
 
-from .checkpoint import Checkpoint, checkpoint_to_resume, list_checkpoints, save_checkpoint
-from .conditioning import check_table, kind_of
-from .config import TrainConfig
-from .errors import MlxflowError
-from .families import Family, get_family
-from .schedule import lr_at
+from ..checkpoint import Checkpoint, list_checkpoints, resolve_checkpoint, save_checkpoint
+from ..conditioning import check_table, kind_of
+from ..config import TrainConfig
+from ..data.classes import class_labels
+from ..data.dataset import ImageTextDataset, index_batches
+from ..data.latent_cache import LatentCache
+from ..data.transforms import resize_images
+from ..encoders import load_text_encoder
+from ..errors import MlxflowError
+from ..families import Family, get_family, load_checkpoint
+from ..runlock import RunLock
+from ..runlog import RunLog
+from ..schedule import lr_at
 
 
 @dataclass
@@ -97,6 +104,31 @@ class TrainResult:
         return self.extra[key]
 
 
+
+def checkpoint_to_resume(run_dir, resume: str, family: str, train_config: TrainConfig) -> tuple[Checkpoint, TrainConfig]:
+    """The checkpoint `--resume latest|PATH` names, and the train config to continue with.
+
+    The architecture and the data/schedule settings come from the checkpoint; only the
+    step budget and the logging/checkpoint/sample cadence may change on resume. Both
+    trainers (MLX and torch) resume through here.
+    """
+    run_dir = Path(run_dir)
+    if resume == "latest":
+        intact, broken = list_checkpoints(run_dir, with_broken=True)
+        if not intact:
+            damaged = f" (skipped damaged {broken[-1][0].name}: {broken[-1][1]})" if broken else ""
+            raise MlxflowError(f"--resume latest: no checkpoint in {run_dir}{damaged}")
+    ckpt = load_checkpoint(resolve_checkpoint(run_dir if resume == "latest" else Path(resume)), family=family,
+                           with_optimizer=True)
+    merged = replace(ckpt.train_config, steps=train_config.steps, log_every=train_config.log_every,
+                     ckpt_every=train_config.ckpt_every, sample_every=train_config.sample_every)
+    if ckpt.step >= merged.steps:
+        raise MlxflowError(f"checkpoint {ckpt.path} is already at step {ckpt.step} >= --steps {merged.steps}")
+    if ckpt.optimizer is None:
+        raise MlxflowError(f"checkpoint {ckpt.path} has no optimizer state; cannot resume exactly")
+    return ckpt, merged
+
+
 def prepare_run(run_dir, family: str, dataset, model_config, train_config: TrainConfig, *,
                 text_encoder: str | None = None, resume: str | None = None,
                 embeddings: np.ndarray | None = None) -> RunPlan:
@@ -106,8 +138,6 @@ def prepare_run(run_dir, family: str, dataset, model_config, train_config: Train
     "latest" (the newest intact checkpoint; a run folder without one starts fresh and
     says so), or a checkpoint folder.
     """
-    from .data.dataset import ImageTextDataset
-    from .data.transforms import resize_images
 
     run_dir = Path(run_dir)
     fam = get_family(family)
@@ -182,7 +212,6 @@ def load_training_data(fam: Family, data):
         return load_latent_cache(data, fam)
     if hasattr(data, "batches"):
         return data
-    from .data.dataset import ImageTextDataset
 
     return ImageTextDataset.load(data)
 
@@ -191,7 +220,6 @@ def load_latent_cache(dataset, fam: Family):
     """A latent-space family trains on a latent cache (`mlxflow data latents`), never on raw images."""
     if hasattr(dataset, "latent_shape"):
         return dataset
-    from .data.latent_cache import LatentCache
 
     path = Path(getattr(dataset, "path", dataset))
     if not (path / "cache.json").is_file():
@@ -249,11 +277,9 @@ def fit_conditioning(fam: Family, model_config, dataset, notes: list[str]):
 def condition_table(kind: str, dataset, text_encoder: str) -> np.ndarray:
     """The per-sample conditions of a dataset: text embeddings (N,L,D), class labels (N,), or zeros (N,)."""
     if kind == "text":
-        from .models.text import load_text_encoder
 
         return dataset.text_embeddings(load_text_encoder(text_encoder))
     if kind == "class":
-        from .data.classes import class_labels
 
         return class_labels(dataset)
     return np.zeros(len(dataset), np.int32)
@@ -262,7 +288,6 @@ def condition_table(kind: str, dataset, text_encoder: str) -> np.ndarray:
 def run_lock(run_dir, rank: int = 0):
     """The run folder's lock, held by rank 0 for a whole run (preparation included): a second
     trainer pointed at the same folder stops with one line instead of mixing checkpoints."""
-    from .runlock import RunLock
 
     return RunLock(run_dir) if rank == 0 else contextlib.nullcontext()
 
@@ -355,7 +380,6 @@ def run_training(plan: RunPlan, session, *, framework: str,
         for note in plan.notes:
             say(note)
     if getattr(session, "resident", False):
-        from .data.dataset import index_batches
 
         batches = index_batches(len(plan.dataset), cfg.batch_size, cfg.seed, start=plan.data_position, flip=cfg.flip)
     else:
@@ -392,7 +416,6 @@ def run_training(plan: RunPlan, session, *, framework: str,
 
     log = None
     if session.rank == 0:
-        from .runlog import RunLog
 
         log = RunLog(plan.run_dir, resume_step=plan.start_step)
     eval_batch = None

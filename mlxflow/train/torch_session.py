@@ -26,7 +26,6 @@ Run data-parallel with
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import resource
@@ -39,14 +38,17 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .conditioning import drop, kind_of, network_input, random_table
-from .config import TrainConfig
-from .errors import MlxflowError
-from .families import get_family
-from .flow import interpolate, sample_time, to_velocity, velocity_target
-from .torch_ref import default_device
-from .torch_ref.layers import set_fused_attention
-from .trainer import RunPlan, TrainResult, eval_times, keeps_data_on_device, prepare_run, run_lock, run_training
+from convert.torch_mlx import mlx_to_torch, torch_to_mlx
+
+from ..conditioning import drop, kind_of, network_input, random_table
+from ..config import TrainConfig
+from ..encoders import load_text_encoder_torch
+from ..errors import MlxflowError
+from ..families import get_family
+from ..flow import interpolate, sample_time, to_velocity, velocity_target
+from ..torch_ref import default_device
+from ..torch_ref.layers import set_fused_attention
+from .loop import RunPlan, TrainResult, eval_times, keeps_data_on_device, prepare_run, run_lock, run_training
 
 
 # ----------------------------------------------------------------------------- loss and draws
@@ -106,14 +108,12 @@ def _unwrap(model):
 
 def _to_mlx(tensors: dict[str, torch.Tensor], model_config, family: str) -> dict[str, np.ndarray]:
     """torch-named, torch-layout tensors -> canonical MLX names and layouts (numpy, on the CPU)."""
-    from convert.torch_mlx import torch_to_mlx
 
     return torch_to_mlx({k: v.detach().float() for k, v in tensors.items()}, model_config, family)
 
 
 def _from_mlx(weights: dict[str, np.ndarray], model_config, family: str, where: str) -> dict[str, torch.Tensor]:
     """Checkpoint arrays -> torch state_dict tensors (MlxflowError naming the first bad key)."""
-    from convert.torch_mlx import mlx_to_torch
 
     return mlx_to_torch(weights, model_config, family, where=where)
 
@@ -252,7 +252,6 @@ class TorchSession:
         # A latent cache carries token ids: the frozen text encoder runs on this device per batch.
         self.text_encoder = None
         if plan.condition_encoder:
-            from .torch_ref.text import load_text_encoder_torch
 
             self.text_encoder = load_text_encoder_torch(plan.condition_encoder, device)
 
@@ -449,71 +448,3 @@ def benchmark_torch(model_config, batch_size: int, *, family: str, steps: int = 
             "fused_attention": fused_attn,
             "device": str(dev), "peak_mem_mb": round(peak, 1), "peak_mem_kind": kind,
             "params": sum(p.numel() for p in model.parameters())}
-
-
-# ----------------------------------------------------------------------------- torchrun entry
-
-def main(argv=None):
-    from .families import family_names
-
-    p = argparse.ArgumentParser(prog="python -m mlxflow.train_torch",
-                                description="Train with the PyTorch twin (single process or under torchrun).")
-    p.add_argument("--data", required=True, help="dataset folder")
-    p.add_argument("--out", required=True, help="run folder for checkpoints")
-    p.add_argument("--family", required=True, choices=family_names())
-    p.add_argument("--preset")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--grad-accum", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--ckpt-every", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: the preset's)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on with CUDA)")
-    p.add_argument("--fused-adamw", action=argparse.BooleanOptionalAction, help="fused AdamW (default: on with CUDA)")
-    p.add_argument("--fused-attention", action=argparse.BooleanOptionalAction,
-                   help="bf16 fused SDPA (flash) attention (default: on with CUDA + bf16)")
-    p.add_argument("--device-data", action=argparse.BooleanOptionalAction,
-                   help="hold the image set on the device and draw batches there (default: when it fits)")
-    p.add_argument("--text-encoder", help="(default: the family's)")
-    p.add_argument("--embeddings", help="precomputed float32 (N, L, D) caption embeddings (.npy)")
-    p.add_argument("--resume", help="'latest' or a checkpoint folder")
-    p.add_argument("--device")
-    a = p.parse_args(argv)
-
-    rank = int(os.environ.get("RANK", "0"))
-    try:
-        fam = get_family(a.family)
-        emb = np.load(a.embeddings) if a.embeddings else None
-        mcfg = fam.model_config(a.preset)  # text_dim/text_tokens follow the embeddings
-        tcfg = fam.train_config(a.preset, steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum,
-                                lr=a.lr, ckpt_every=a.ckpt_every, seed=a.seed, bf16=a.bf16, compile=a.compile,
-                                fused_adamw=a.fused_adamw, fused_attention=a.fused_attention,
-                                device_data=a.device_data)
-
-        def log(info):
-            if info.step % max(tcfg.log_every, 1) == 0 or info.step == info.total:
-                print(f"step {info.step:6d}  loss {info.loss:.4f}  lr {info.lr:.2e}  {info.img_per_s:.1f} img/s",
-                      flush=True)
-
-        summary = train_torch(a.out, a.data, mcfg, tcfg, family=a.family, text_encoder=a.text_encoder,
-                              resume=a.resume, device=a.device, on_step=log, embeddings=emb)
-    except MlxflowError as e:
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        if rank == 0:
-            print("interrupted; checkpoints already written are intact (--resume latest continues)", file=sys.stderr)
-        return 130
-    if rank == 0:
-        if summary.interrupted:
-            print(f"interrupted at step {summary.steps}: checkpoint {summary.checkpoint}; "
-                  f"continue with --resume latest", file=sys.stderr)
-            return 130
-        print(f"done: step {summary.steps}, loss {summary['loss']:.4f}, checkpoint {summary.checkpoint}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -26,12 +26,13 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from .conditioning import drop, kind_of, network_input
-from .config import TrainConfig
-from .families import family_of
-from .flow import interpolate, sample_time, to_velocity, velocity_target
-from .models import load_weights_into
-from .trainer import (RunPlan, StepInfo, TrainResult, eval_times, keeps_data_on_device, prepare_run, run_lock,
+from ..conditioning import drop, kind_of, network_input
+from ..config import TrainConfig
+from ..encoders import load_text_encoder
+from ..families import family_of
+from ..flow import interpolate, sample_time, to_velocity, velocity_target
+from ..checkpoint import load_weights_into
+from .loop import (RunPlan, StepInfo, TrainResult, eval_times, keeps_data_on_device, prepare_run, run_lock,
                       run_training)
 
 __all__ = ["train", "flow_matching_loss", "make_optimizer", "make_train_step", "step_key", "StepInfo"]
@@ -156,7 +157,6 @@ class MLXSession:
         # A latent cache carries token ids: the frozen text encoder turns them into states here.
         self.text_encoder = None
         if plan.condition_encoder:
-            from .models.text import load_text_encoder
 
             self.text_encoder = load_text_encoder(plan.condition_encoder)
 

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from mlxflow.metrics import nearest_neighbours, prompt_fidelity
+from mlxflow.fidelity import nearest_neighbours, prompt_fidelity
 
 
 def _refs(n=6, size=32):
