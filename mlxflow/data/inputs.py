@@ -14,7 +14,6 @@ import io
 import os
 import re
 import warnings
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -81,8 +80,9 @@ def _decode(fp, name: str) -> tuple[Image.Image, str | None]:
         raise SkipSample(name, "empty file")
     fp.seek(start)
     with warnings.catch_warnings():
-        # Between MAX_IMAGE_PIXELS and max_pixels() Pillow only warns: such images are read.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        # Pillow warns between MAX_IMAGE_PIXELS and max_pixels() (such images are read), and
+        # about damaged metadata ("Corrupt EXIF data"): nothing a user acts on, per file.
+        warnings.simplefilter("ignore")
         try:
             im = Image.open(fp)
         except Image.DecompressionBombError as e:
@@ -91,7 +91,7 @@ def _decode(fp, name: str) -> tuple[Image.Image, str | None]:
         except UnidentifiedImageError:
             raise SkipSample(name, "not an image") from None
         except Exception as e:  # plugins raise SyntaxError, ValueError, struct.error... on bad headers
-            raise SkipSample(name, "corrupt", f"{type(e).__name__}: {e}") from None
+            raise SkipSample(name, _damage(e), f"{type(e).__name__}: {e}") from None
         w, h = im.size
         limit = max_pixels()
         if limit is not None and w * h > limit:
@@ -103,15 +103,20 @@ def _decode(fp, name: str) -> tuple[Image.Image, str | None]:
             raise SkipSample(name, _too_large(w * h)) from None
         except MemoryError:
             raise SkipSample(name, _too_large(w * h), "out of memory") from None
-        except Exception as e:  # OSError "image file is truncated", SyntaxError "broken PNG file"...
-            text = str(e).lower()
-            truncated = isinstance(e, EOFError) or "truncated" in text or "broken" in text
-            raise SkipSample(name, "truncated" if truncated else "corrupt", f"{type(e).__name__}: {e}") from None
+        except Exception as e:  # OSError "image file is truncated", "broken data stream"...
+            raise SkipSample(name, _damage(e), f"{type(e).__name__}: {e}") from None
     try:
-        upright = ImageOps.exif_transpose(im)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Corrupt EXIF data" and friends
+            upright = ImageOps.exif_transpose(im)
     except Exception:  # an unreadable EXIF block: the pixels are still good, as stored
         upright = im
     return upright, rawmode
+
+
+def _damage(e: Exception) -> str:
+    """ "truncated" when the decoder ran out of data, else "corrupt"."""
+    return "truncated" if isinstance(e, EOFError) or "truncated" in str(e).lower() else "corrupt"
 
 
 def _rawmode(im: Image.Image) -> str | None:
@@ -145,6 +150,26 @@ def _to_uint8(values: np.ndarray, white: float) -> np.ndarray:
     return np.clip(np.rint(x * (255.0 / white)), 0, 255).astype(np.uint8)
 
 
+# CIE L*a*b* (D50, the ICC connection space) -> sRGB (D65): Bradford adaptation, then the sRGB matrix.
+_BRADFORD_D50_TO_D65 = np.array([[0.9555766, -0.0230393, 0.0631636], [-0.0282895, 1.0099416, 0.0210077],
+                                 [0.0122982, -0.0204830, 1.3299098]])
+_XYZ_TO_LINEAR_SRGB = np.array([[3.2404542, -1.5371385, -0.4985314], [-0.9692660, 1.8760108, 0.0415560],
+                                [0.0556434, -0.2040259, 1.0572252]])
+_D50_WHITE = np.array([0.9642, 1.0, 0.8249])
+
+
+def _lab_to_srgb(lab: np.ndarray) -> np.ndarray:
+    """Pillow's LAB bytes (L* 0..255 for 0..100; a*, b* offset by 128) -> sRGB uint8, in float64."""
+    lab = lab.astype(np.float64)
+    fy = (lab[..., 0] * (100.0 / 255.0) + 16.0) / 116.0
+    f = np.stack([fy + (lab[..., 1] - 128.0) / 500.0, fy, fy - (lab[..., 2] - 128.0) / 200.0], -1)
+    d = 6.0 / 29.0
+    xyz = np.where(f > d, f**3, 3 * d * d * (f - 4.0 / 29.0)) * _D50_WHITE
+    linear = np.clip(xyz @ (_XYZ_TO_LINEAR_SRGB @ _BRADFORD_D50_TO_D65).T, 0.0, 1.0)
+    srgb = np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055)
+    return np.rint(srgb * 255.0).astype(np.uint8)
+
+
 def to_rgba(im: Image.Image, rawmode: str | None = None) -> Image.Image:
     """Any Pillow mode -> "RGBA" (or "RGB" when it cannot carry transparency), as a viewer shows it.
 
@@ -175,11 +200,7 @@ def to_rgba(im: Image.Image, rawmode: str | None = None) -> Image.Image:
         grey = np.where(a > 0, np.clip(np.rint(la[..., :1] * 255.0 / np.maximum(a, 1)), 0, 255), 0)
         return Image.fromarray(np.concatenate([grey, grey, grey, a], -1).astype(np.uint8), "RGBA")
     if mode == "LAB":
-        from PIL import ImageCms
-
-        transform = ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"),
-                                            "LAB", "RGB")
-        return ImageCms.applyTransform(im, transform)
+        return Image.fromarray(_lab_to_srgb(np.asarray(im)), "RGB")
     if mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in im.info:
         if mode == "RGB" and isinstance(im.info.get("transparency"), tuple) and \
                 max(im.info["transparency"]) > 255:
@@ -234,7 +255,8 @@ def load_square(source, size: int, background: Sequence[int] = (255, 255, 255), 
       ``size`` (alpha premultiplied while resizing).
     - Colours, by Pillow mode (each scaled to 0..255 by its white level, rounded):
       RGB as is; 1 (black/white), L, P (palette), YCbCr, HSV, CMYK (Pillow's
-      naive conversion, no ICC profile) converted to RGB; LAB through an sRGB profile;
+      naive conversion, R = (255 - C)(255 - K) / 255, no ICC profile) converted to RGB;
+      LAB (CIE L*a*b*, D50) to sRGB by the CIE formulas (Bradford D50 -> D65);
       16-bit greyscale I;16 / I;16B / I;16L: 65535 is white (v / 257);
       I (32-bit integer): white is the maximum of the sample type stored in the file
       (16-bit 65535, signed 32-bit 2^31-1, unsigned 32-bit 2^32-1; 2^bits-1, or
@@ -242,9 +264,9 @@ def load_square(source, size: int, background: Sequence[int] = (255, 255, 255), 
       its values fit, else signed 32-bit; negative values are black;
       F (32/64-bit float): values in [0, 1] when the image's largest finite value is <= 1,
       else in [0, 255]; out-of-range values are clipped, NaN is black;
-      16-bit RGB / RGBA PNGs: Pillow keeps the high byte of each sample (within one level
-      of v / 257).
-      ICC profiles other than LAB's are not applied.
+      16-bit RGB / RGBA / grey+alpha PNGs: Pillow keeps the high byte of each sample
+      (within one level of v / 257; two after compositing a 16-bit alpha).
+      Embedded ICC profiles are not applied (a Display P3 photo keeps its numbers).
     - Transparency (RGBA, LA, PA, La, RGBa, P or L/RGB/I;16 with a tRNS colour) is
       composited onto ``background`` (an RGB triple, white by default).
     - Limits: at most ``max_pixels()`` pixels (Pillow's decompression-bomb limit, about
@@ -349,7 +371,8 @@ def describe_skipped(info, limit: int = 3) -> str:
     count = max(int(count or 0), len(details))
     if not count:
         return ""
-    shown = [f"{Path(d['name']).as_posix()} ({d['reason']})" for d in details[:limit]]
+    shown = [f"{d['name']} ({d['reason']})" for d in details[:limit]]
+    if not shown:  # counted, not named (a cache built before names were kept)
+        return f"skipped {count:,}"
     more = count - len(shown)
-    return f"skipped {count:,}: " + ", ".join(shown) + (f" and {more:,} more" if more and shown else
-                                                       "" if shown else "(names not recorded)")
+    return f"skipped {count:,}: " + ", ".join(shown) + (f" and {more:,} more" if more else "")
