@@ -46,7 +46,7 @@ def read_captions(path: Path) -> dict[str, str]:
     try:
         text = decode_caption(data)
     except CaptionDecodeError as e:
-        raise MlxflowError(f"{path}:{e}; {CAPTION_HELP}") from None
+        raise MlxflowError(f"{path}:{e.line}: {e.what}; {CAPTION_HELP}") from None
     suffix = path.suffix.lower()
     if suffix == ".json":
         try:

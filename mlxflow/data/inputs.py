@@ -284,11 +284,12 @@ def load_square(source, size: int, background: Sequence[int] = (255, 255, 255), 
 
 
 class CaptionDecodeError(ValueError):
-    """Caption bytes that break the caption rule; ``line`` is 1-based (0 when unknown)."""
+    """Caption bytes that break the caption rule: ``str()`` is "line N: what", ``line`` is
+    1-based, ``what`` the problem without its line."""
 
-    def __init__(self, message: str, line: int = 0):
-        super().__init__(message)
-        self.line = line
+    def __init__(self, what: str, line: int):
+        super().__init__(f"line {line}: {what}")
+        self.what, self.line = what, line
 
 
 _BOMS = (  # longest first: a UTF-32-LE BOM starts with the UTF-16-LE one
@@ -333,11 +334,10 @@ def decode_caption(data: bytes) -> str:
         line, col = _line_of(body, codec, e.start)
         bad = body[e.start : e.start + 1].hex().upper()
         what = "UTF-8" if codec == "utf-8" else f"{codec.upper()} (as its byte-order mark says)"
-        raise CaptionDecodeError(f"line {line}: not {what} text (byte 0x{bad} at column {col})", line) from None
+        raise CaptionDecodeError(f"not {what} text (byte 0x{bad} at column {col})", line) from None
     if "\x00" in text:
         line = text.count("\n", 0, text.index("\x00")) + 1
-        raise CaptionDecodeError(f"line {line}: NUL characters (UTF-16 or UTF-32 text without a byte-order mark?)",
-                                 line)
+        raise CaptionDecodeError("NUL characters (UTF-16 or UTF-32 text without a byte-order mark?)", line)
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
