@@ -297,6 +297,14 @@ def test_alpha_modes_composite_on_the_given_background():
     close(square_rgb(premultiplied, 16, bg), want_rgba, tol=2)
     la_pre = Image.fromarray(np.stack([grey, alpha], -1), "LA").convert("La")
     close(square_rgb(la_pre, 16, bg), want_la, tol=2)
+    # 8-bit RGB and L with a tRNS colour / grey level
+    key_rgb = Image.fromarray(np.where(alpha[..., None] < 128, (250, 100, 0), (0, 50, 60)).astype(np.uint8))
+    got = load(encode(key_rgb, "PNG", transparency=(250, 100, 0)), background=bg)
+    close(got, np.where(alpha[..., None] < 128, bg, (0, 50, 60)), tol=0)
+    got = load(encode(Image.fromarray(alpha, "L"), "PNG", transparency=77), background=bg)
+    want_l = np.repeat(alpha[..., None].astype(int), 3, -1)
+    want_l[alpha == 77] = bg
+    close(got, want_l, tol=0)
     # fully transparent is exactly the background, whatever its hidden colour
     assert tuple(load(encode(Image.new("RGBA", (8, 8), (9, 9, 9, 0)), "PNG"), background=bg)[0, 0]) == bg
 

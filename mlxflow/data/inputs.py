@@ -204,7 +204,8 @@ def to_rgba(im: Image.Image, rawmode: str | None = None) -> Image.Image:
     if mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in im.info:
         if mode == "RGB" and isinstance(im.info.get("transparency"), tuple) and \
                 max(im.info["transparency"]) > 255:
-            # 16-bit RGB PNG with a tRNS colour: Pillow keeps 8 bits of the pixels, 16 of the key.
+            # 16-bit RGB PNG with a tRNS colour: Pillow keeps 8 bits of the pixels and 16 of the
+            # key, so the pixels matching the key's high bytes are transparent (approximate).
             key = tuple(int(c) >> 8 for c in im.info["transparency"])
             rgb = np.asarray(im)
             alpha = np.where((rgb == key).all(-1), 0, 255).astype(np.uint8)
