@@ -20,7 +20,11 @@ from .folder import IMAGE_SUFFIXES, load_images
 
 def import_class_folder(src_dir, out_dir, size: int = 64, background=(255, 255, 255),
                         on_progress: Callable[[int, int], None] | None = None, overwrite: bool = False) -> dict:
-    """Subfolders = classes -> dataset folder; unreadable images are skipped and counted."""
+    """Subfolders = classes -> dataset folder; unreadable images are skipped and counted.
+
+    Images are read with ``inputs.load_square``. Returns the dataset.json dict plus
+    "skipped_files" (paths) and "skipped_details" ([{"name": "cat/a.png", "reason"}]).
+    """
     from .dataset import mlxflow_version, write_dataset_folder
 
     src = Path(src_dir)
@@ -36,14 +40,16 @@ def import_class_folder(src_dir, out_dir, size: int = 64, background=(255, 255, 
     if len(nonempty) < 2:
         raise MlxflowError(f"{src} needs at least 2 class subfolders with images, found {len(nonempty)} "
                            f"({', '.join(classes) or 'none'}); for one class use `mlxflow data folder --unconditional`")
-    images, kept, skipped = load_images(files, size, background, on_progress)
+    names = [p.relative_to(src).as_posix() for p in files]
+    images, kept, skipped, records = load_images(files, size, background, on_progress, names=names)
     if not kept:
-        raise MlxflowError(f"none of the {len(files)} images in {src} could be read (first: {skipped[0].name})")
+        raise MlxflowError(f"none of the {len(files)} images in {src} could be read "
+                           f"(first: {records[0]['name']}: {records[0]['reason']})")
     meta = {"kind": "classes", "size": size, "count": len(kept), "skipped": len(skipped), "classes": classes,
             "source": str(src.resolve()), "background": list(background), "mlxflow_version": mlxflow_version()}
     captions = [{"text": classes[labels[i]], "label": labels[i], "file": str(files[i].relative_to(src))} for i in kept]
     write_dataset_folder(out_dir, images, captions, meta, overwrite=overwrite)
-    return {**meta, "skipped_files": [str(p) for p in skipped]}
+    return {**meta, "skipped_files": [str(p) for p in skipped], "skipped_details": records}
 
 
 def class_labels(dataset) -> np.ndarray:

@@ -12,7 +12,9 @@ Layout of a cache folder::
 cache.json: ``format``, ``version``, ``meta`` (the caller's encoder specs: VAE, T5,
 "random" flags, image size, source...), ``shard_size``, ``latent_shape`` [h, w, C],
 ``text_tokens`` L, ``image_shape``, ``shards`` [{"name", "count", "consumed", "skipped"}],
-``count``, ``consumed``, ``skipped`` {reason: n}, ``complete``.
+``count``, ``consumed``, ``skipped`` {reason: n}, ``skipped_samples`` (the first
+SKIPPED_NAMES_KEPT skipped samples in source order, [{"name": key, "reason": text}], from
+the reader's ``skipped_details``; absent in caches built before it), ``complete``.
 
 ``consumed`` counts SOURCE samples, skipped ones included: a shard's samples are the good
 ones among the source samples it consumed, so a resumed build skips exactly
@@ -37,6 +39,8 @@ INDEX = "cache.json"
 FORMAT = "mlxflow-latent-cache"
 VERSION = 1
 LATENTS, TOKENS, MASK, CAPTIONS = "latents.npy", "tokens.npy", "mask.npy", "captions.jsonl"
+
+SKIPPED_NAMES_KEPT = 1000  # skipped samples named in cache.json (all are counted)
 
 EncodeImages = Callable[[np.ndarray], np.ndarray]
 Tokenize = Callable[[list], tuple]
@@ -130,6 +134,12 @@ class _Source:
             return int(self.samples.consumed), Counter(self.samples.skipped)
         return self._plain_consumed, Counter()
 
+    def details(self) -> list:
+        """Records ({"name", "reason"}) of the samples skipped since the iteration's start."""
+        if not self._started or not self.reader:
+            return []
+        return list(getattr(self.samples, "skipped_details", None) or [])
+
 
 def build_latent_cache(
     samples: Iterable,
@@ -206,7 +216,7 @@ def _open_or_start(out: Path, meta: dict, shard_size: int) -> dict:
     index = {
         "format": FORMAT, "version": VERSION, "meta": meta, "shard_size": shard_size,
         "latent_shape": None, "text_tokens": None, "image_shape": None,
-        "shards": [], "count": 0, "consumed": 0, "skipped": {}, "complete": False,
+        "shards": [], "count": 0, "consumed": 0, "skipped": {}, "skipped_samples": [], "complete": False,
         "mlxflow_version": mlxflow_version(),
     }
     _save_index(out, index)
@@ -241,6 +251,11 @@ class _Builder:
         start = sum(int(s["consumed"]) for s in index["shards"])
         done_before = sum(int(s["count"]) for s in index["shards"])
         skipped_before = Counter({k: int(v) for k, v in index["skipped"].items()})
+        names_before = list(index.get("skipped_samples") or [])
+
+        def name_skips():
+            if "skipped_samples" in index:  # a cache from before names were kept stays as it was
+                index["skipped_samples"] = (names_before + source.details())[:SKIPPED_NAMES_KEPT]
         shard_start = start  # source position where the shard being filled began
         skipped_at_shard = Counter()  # skips (since ``start``) when that shard began
         rows: list[tuple] = []  # (key, image, caption) waiting for the encoder
@@ -263,6 +278,7 @@ class _Builder:
                 rows = []
                 if len(shard["keys"]) == self.shard_size:
                     consumed, sk = source.position(start)
+                    name_skips()
                     self._write_shard(shard, consumed - shard_start, sk - skipped_at_shard, complete=False)
                     shard_start, skipped_at_shard = consumed, sk
                     shard = self._empty_shard()
@@ -270,6 +286,7 @@ class _Builder:
         if rows:
             self._encode(rows, shard)
         consumed, sk = source.position(start)
+        name_skips()
         if consumed < start:
             raise MlxflowError(
                 f"the source ended after {consumed:,} samples but {self.out} already covers {start:,}: "
@@ -279,7 +296,11 @@ class _Builder:
             shard = self._empty_shard()  # its samples now count in self._written
         elif not index["shards"]:  # nothing cached: leave the index unfinished, so a re-run retries
             reasons = ", ".join(f"{k}: {v}" for k, v in sorted(sk.items())) or "the source is empty"
-            raise MlxflowError(f"no readable samples to cache ({reasons})")
+            from .inputs import describe_skipped
+
+            names = describe_skipped(source.details())
+            raise MlxflowError(f"no readable samples to cache ({reasons})"
+                               + (f"; {names}" if names else ""))
         else:  # the source ended on a shard boundary (or after skips only): only the tail's counts
             index["consumed"] = consumed
             index["skipped"] = dict(sorted((skipped_before + sk).items()))
@@ -391,7 +412,9 @@ class LatentCache:
     """A built cache, memory-mapped shard by shard (nothing is read until a batch needs it).
 
     Attributes: ``path``, ``meta`` (the build's meta), ``latent_shape`` (h, w, C),
-    ``text_tokens`` L, ``skipped`` {reason: n}, ``index`` (cache.json), ``shards``.
+    ``text_tokens`` L, ``skipped`` {reason: n}, ``skipped_details`` (the first skipped
+    samples by name, [{"name", "reason"}]: ``inputs.describe_skipped(cache)`` prints them),
+    ``index`` (cache.json), ``shards``.
     ``len()`` is the sample count (of the subset, for ``subset``/``limit``).
     """
 
@@ -402,6 +425,7 @@ class LatentCache:
         self.latent_shape = tuple(int(d) for d in index["latent_shape"])
         self.text_tokens = int(index["text_tokens"])
         self.skipped = {k: int(v) for k, v in index["skipped"].items()}
+        self.skipped_details = [dict(d) for d in index.get("skipped_samples") or []]
         self.shards = shards
         self._n = int(n)
         # offsets[i] = global index of shard i's first sample

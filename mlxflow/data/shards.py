@@ -1,13 +1,18 @@
 """Sample readers for cache builds: WebDataset tar shards, captioned image folders, dataset folders.
 
 Every reader yields ``(key: str, image: uint8 (size, size, 3), caption: str)`` in a
-deterministic order. Images are centre-cropped to a square, then resized (LANCZOS), with
-alpha composited on ``background``: the aspect is never squashed. A sample that cannot be
-read is skipped and counted by reason in ``reader.skipped``, never fatal:
+deterministic order. Images are read by ``inputs.load_square`` (centre square crop, LANCZOS
+resize, EXIF orientation, every Pillow mode, alpha composited on ``background``) and
+caption bytes by ``inputs.decode_caption`` (UTF-8, BOMs, UTF-16 with a BOM), the same
+rules as the image-folder import. A sample that cannot be read is skipped and counted by
+code in ``reader.skipped``, never fatal, and recorded by name with a readable reason in
+``reader.skipped_details`` ([{"name": key, "reason": "too large: 182,250,000 pixels"}]):
 
-- ``bad_image``        image bytes Pillow cannot decode (corrupt, truncated, unknown format)
+- ``bad_image``        image bytes that cannot be used (corrupt, truncated, empty, not an
+  image, too large: the reason says which)
 - ``missing_image``    no .jpg/.jpeg/.png/.webp member (tar) or file (folder) for a key
 - ``missing_caption``  no caption (.json without "prompt"/"caption"/"text", no .txt, empty)
+- ``bad_caption``      caption bytes that are not UTF-8 (nor UTF-16 with a BOM)
 - ``bad_json``         a .json member that is not a JSON object
 - ``bad_tar``          a tar file that cannot be opened at all (counted as one sample)
 - ``truncated_tar``    a tar file that breaks part-way: the sample being read when it broke
@@ -35,7 +40,8 @@ import numpy as np
 
 from ..errors import MlxflowError
 from .dataset import CAPTIONS, IMAGES, ImageTextDataset
-from .folder import CAPTION_FILES, IMAGE_SUFFIXES, load_square, read_captions
+from .folder import CAPTION_FILES, IMAGE_SUFFIXES, has_sidecars, read_captions, sidecar_caption
+from .inputs import CaptionDecodeError, SkipSample, decode_caption, load_square, skip_record
 from .transforms import resize_images
 
 # Member extensions that carry the image, in order of preference when a key has several.
@@ -45,6 +51,17 @@ CAPTION_KEYS = ("prompt", "caption", "text")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 Sample = tuple[str, np.ndarray, str]
+
+# The reason recorded for a skip code when the reader has nothing more precise to say.
+REASONS = {
+    "bad_image": "corrupt",
+    "missing_image": "no image",
+    "missing_caption": "no caption",
+    "bad_caption": "caption not UTF-8",
+    "bad_json": "caption .json is not a JSON object",
+    "bad_tar": "not a readable tar file",
+    "truncated_tar": "tar file breaks here",
+}
 
 
 def split_key(name: str) -> tuple[str, str]:
@@ -61,9 +78,10 @@ def split_key(name: str) -> tuple[str, str]:
 def caption_from_json(data: bytes) -> str | None:
     """The caption in a .json member ("prompt", else "caption", else "text"); None when absent.
 
-    Raises ValueError when the bytes are not a JSON object (counted as ``bad_json``).
+    The bytes follow ``inputs.decode_caption`` (raises ``CaptionDecodeError``, counted as
+    ``bad_caption``); raises ValueError when they are not a JSON object (``bad_json``).
     """
-    obj = json.loads(data.decode("utf-8"))
+    obj = json.loads(decode_caption(data))
     if not isinstance(obj, dict):
         raise ValueError("not a JSON object")
     for name in CAPTION_KEYS:
@@ -76,14 +94,10 @@ def caption_from_json(data: bytes) -> str | None:
 def decode_square(data: bytes, size: int, background: Sequence[int] = (255, 255, 255)) -> np.ndarray:
     """Encoded image bytes -> uint8 (size, size, 3): centre square crop, LANCZOS resize, alpha on background.
 
-    Raises MlxflowError for bytes Pillow cannot decode.
+    Raises ``inputs.SkipSample`` (an MlxflowError with a ``reason``) for bytes that are not
+    a usable image; the rules are ``inputs.load_square``'s.
     """
-    try:
-        return load_square(io.BytesIO(data), size, background)
-    except MlxflowError:
-        raise
-    except Exception as e:  # DecompressionBombError and friends are not OSErrors
-        raise MlxflowError(f"cannot read image: {type(e).__name__}: {e}") from None
+    return load_square(io.BytesIO(data), size, background, name="image")
 
 
 class SampleReader:
@@ -92,7 +106,8 @@ class SampleReader:
     Attributes: ``size`` (output side), ``total`` (source samples, or None when unknown
     without a full scan), ``consumed`` (source samples seen by the current iteration,
     good + skipped), ``skipped`` (Counter reason -> count, for the current iteration;
-    fast-forwarded samples are not counted again).
+    fast-forwarded samples are not counted again), ``skipped_details`` (the skipped
+    samples of the current iteration in source order, [{"name": key, "reason": text}]).
     """
 
     kind = "samples"
@@ -107,6 +122,7 @@ class SampleReader:
         self.total: int | None = None
         self.consumed = 0
         self.skipped: Counter = Counter()
+        self.skipped_details: list[dict] = []
 
     def __iter__(self) -> Iterator[Sample]:
         return self.iter_from(0)
@@ -121,17 +137,20 @@ class SampleReader:
             raise MlxflowError(f"start must be >= 0, got {start}")
         self.consumed = 0
         self.skipped = Counter()
+        self.skipped_details = []
         for item in self._items(int(start)):
-            # item: (key, image, caption) for a good sample, (key, None, reason) for a skipped
-            # one, or None for a fast-forwarded one (position only, nothing decoded).
+            # item: (key, image, caption) for a good sample, (key, None, code[, reason]) for a
+            # skipped one, or None for a fast-forwarded one (position only, nothing decoded).
             if self.limit is not None and self.consumed >= self.limit:
                 return
             self.consumed += 1
             if item is None or self.consumed <= start:
                 continue
-            key, image, text = item
+            key, image, text = item[:3]
             if image is None:
                 self.skipped[text] += 1
+                reason = item[3] if len(item) > 3 else REASONS.get(text, text)
+                self.skipped_details.append(skip_record(key, reason))
                 continue
             yield key, image, text
 
@@ -139,7 +158,7 @@ class SampleReader:
         raise NotImplementedError
 
     def _decode(self, key: str, data: bytes | None, caption: str | None, reason: str | None = None):
-        """(key, image, caption) or (key, None, reason)."""
+        """(key, image, caption) or (key, None, code, reason)."""
         if reason is not None:
             return key, None, reason
         if data is None:
@@ -148,6 +167,8 @@ class SampleReader:
             return key, None, "missing_caption"
         try:
             return key, decode_square(data, self.size, self.background), caption
+        except SkipSample as e:
+            return key, None, "bad_image", e.reason
         except MlxflowError:
             return key, None, "bad_image"
 
@@ -268,20 +289,27 @@ class TarShardReader(SampleReader):
         if "json" in parts:
             try:
                 caption = caption_from_json(parts["json"])
-            except (ValueError, UnicodeDecodeError):
+            except CaptionDecodeError:
+                return key, None, "bad_caption", "caption not UTF-8 (.json)"
+            except ValueError:
                 return key, None, "bad_json"
         if caption is None and "txt" in parts:
-            caption = parts["txt"].decode("utf-8", errors="replace").strip() or None
+            try:
+                caption = decode_caption(parts["txt"]).strip() or None
+            except CaptionDecodeError:
+                return key, None, "bad_caption", "caption not UTF-8 (.txt)"
         return self._decode(key, data, caption)
 
 
 class ImageFolderReader(SampleReader):
     """A folder of images with a captions file (``mlxflow.data.folder`` conventions).
 
-    Captions come from ``captions`` (a file) or the folder's captions.tsv/.txt/.json
-    (``filename<TAB>caption`` lines or a JSON mapping). Images sorted by name; keys are
-    file names. An image with no caption is skipped (``missing_caption``) rather than
-    refused, unlike ``import_image_folder``; captions naming absent files are ignored.
+    Captions come from ``captions`` (a file), the folder's captions file (CAPTION_FILES,
+    read by ``read_captions``) or, when it has none, per-image sidecars (``a.png`` +
+    ``a.txt``). Images sorted by name; keys are file names. An image with no caption is
+    skipped (``missing_caption``) rather than refused, unlike ``import_image_folder``, and
+    one whose sidecar cannot be decoded too (``bad_caption``); captions naming absent
+    files are ignored.
     """
 
     kind = "folder"
@@ -292,37 +320,45 @@ class ImageFolderReader(SampleReader):
         self.folder = Path(folder).expanduser()
         if not self.folder.is_dir():
             raise MlxflowError(f"image folder not found: {self.folder}")
+        self.files = sorted(p for p in self.folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        self.captions_file, self.mapping = None, None  # None: sidecar captions
         if captions is None:
             found = [self.folder / n for n in CAPTION_FILES if (self.folder / n).is_file()]
-            if not found:
-                raise MlxflowError(f"no captions file in {self.folder}: add one of {', '.join(CAPTION_FILES)}")
-            captions = found[0]
-        self.captions_file = Path(captions)
-        self.mapping = read_captions(self.captions_file)
-        self.files = sorted(p for p in self.folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found and not has_sidecars(self.files):
+                raise MlxflowError(f"no captions file in {self.folder}: add one of {', '.join(CAPTION_FILES)} "
+                                   "or a caption .txt beside each image")
+            captions = found[0] if found else None
+        if captions is not None:
+            self.captions_file = Path(captions)
+            self.mapping = read_captions(self.captions_file)
         if not self.files:
             raise MlxflowError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {self.folder}")
         self.total = len(self.files) if limit is None else min(len(self.files), self.limit)
 
     def describe(self) -> dict:
         return {"kind": self.kind, "size": self.size, "folder": str(self.folder),
-                "captions": str(self.captions_file)}
+                "captions": str(self.captions_file) if self.captions_file is not None else "sidecar .txt"}
 
     def _items(self, start: int):
         for i, path in enumerate(self.files):
             if i < start:
                 yield None
                 continue
-            caption = self.mapping.get(path.name)
+            if self.mapping is not None:
+                caption = self.mapping.get(path.name)
+            else:
+                try:
+                    caption = sidecar_caption(path)
+                except SkipSample as e:
+                    yield path.name, None, "bad_caption", e.reason
+                    continue
             if not caption:
                 yield path.name, None, "missing_caption"
                 continue
             try:
-                yield path.name, load_square(path, self.size, self.background), caption
-            except MlxflowError:
-                yield path.name, None, "bad_image"
-            except Exception:  # DecompressionBombError is not an OSError
-                yield path.name, None, "bad_image"
+                yield path.name, load_square(path, self.size, self.background, name=path.name), caption
+            except SkipSample as e:
+                yield path.name, None, "bad_image", e.reason
 
 
 class DatasetFolderReader(SampleReader):
