@@ -62,6 +62,8 @@ def cmd_latents(args) -> int:
         out.print(cache.build_status)
     out.print(f"latent cache {args.out}: {len(cache)} samples, latents {h}x{w}x{c}, {cache.text_tokens} tokens"
               + (f"; skipped {skipped} ({reasons})" if skipped else ""))
+    if api.describe_skipped(cache):
+        out.print(api.describe_skipped(cache))
     if cache.meta.get("random"):
         out.print("note: encoded with RANDOM tiny encoders (--random-encoders): a pipeline check, not real latents")
     return 0
@@ -93,6 +95,8 @@ def cmd_data(args) -> int:
     if info.get("classes"):
         skipped += f"; {len(info['classes'])} classes"
     out.print(f"wrote {info['count']} images at {info['size']}x{info['size']} to {args.out}{skipped}")
+    if args.source != "emoji" and api.describe_skipped(info):
+        out.print(api.describe_skipped(info))
     return 0
 
 
@@ -164,6 +168,9 @@ def cmd_sample(args) -> int:
                           cfg_scale=settings.cfg, seed=args.seed, interval=settings.cfg_interval, shift=settings.shift,
                           preview_dir=args.preview_dir, preview_every=args.preview_every,
                           on_step=lambda i, total: progress.update(task, completed=i))
+    for prompt, nearest in gen.unseen_prompts(args.prompts):
+        out.print(f"note: '{prompt}' is not one of the training captions; the nearest in the text encoder's "
+                  f"space is '{nearest}' (sampled anyway: the model draws what it learnt)", highlight=False)
     fake = gen.random_encoders()
     if fake:
         out.print(f"note: this model was trained with RANDOM tiny encoders ({', '.join(fake)}): "
@@ -288,7 +295,7 @@ def cmd_export(args) -> int:
     with console.status("converting and verifying..."):
         report = api.export_coreml(args.ckpt, args.out, precision=args.precision, compress=args.compress,
                                    batch_sizes=tuple(args.batch_sizes), min_psnr=args.min_psnr, data=args.data,
-                                   deployment_target=args.deployment_target)
+                                   deployment_target=args.deployment_target, overwrite=args.overwrite)
     table = Table(title=f"Core ML export: {args.out}")
     table.add_column("item")
     table.add_column("value")
@@ -435,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     so = sub.add_parser("solvers", help="compare few-step solver schedules against a fine reference solve")
     so.add_argument("ckpt")
-    so.add_argument("prompts", nargs="+")
+    so.add_argument("prompts", nargs="*", help="prompts (text models), class names (class models), none (unconditional)")
     so.add_argument("--schedule", nargs="+", metavar="SOLVER:STEPS[:SHIFT]",
                     default=["euler:50", "euler:10", "heun:5", "midpoint:5", "ab2:10", "ab2:10:2"],
                     help="schedules to compare (default: euler 50 and five 10-evaluation ones)")
@@ -506,6 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--target", dest="deployment_target", default="iOS17", choices=["iOS17", "iOS18", "macOS14", "macOS15"],
                    help="deployment target; iOS18/macOS15 give true enumerated batch shapes")
     e.add_argument("--data", help="training dataset folder for the label table (default: the one the run used)")
+    e.add_argument("--overwrite", action="store_true", help="replace what an existing output folder holds")
     e.set_defaults(func=cmd_export)
 
     w = sub.add_parser("serve", help="web demo: a Gradio page that streams samples as they integrate")

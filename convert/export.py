@@ -22,7 +22,7 @@ from .torch_mlx import load_torch_model
 
 def export_app(ck, out_dir, *, precision: str = "fp16", compress: str | None = None,
                batch_sizes=(1, 2), min_psnr: float = PSNR_GATE_DB, data=None, text_encoder: bool = True,
-               deployment_target: str = "iOS17") -> dict:
+               deployment_target: str = "iOS17", overwrite: bool = False) -> dict:
     """`mlxflow export coreml`: a loaded Checkpoint -> the app bundle in `out_dir`, verified.
 
     Output folder:
@@ -35,6 +35,9 @@ def export_app(ck, out_dir, *, precision: str = "fp16", compress: str | None = N
     Returns a flat report dict. Errors: MlxflowError for a family without Core ML support,
     a PSNR below `min_psnr` (dB) or a label table that does not fit the model.
     """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise MlxflowError(f"{out_dir} already exists and is not empty: choose another folder or pass --overwrite")
     fam = get_family(ck.family)
     if not fam.coreml:
         supported = [f for f in family_names() if get_family(f).coreml]
@@ -67,7 +70,8 @@ def export_app(ck, out_dir, *, precision: str = "fp16", compress: str | None = N
 def _export_labels(ck, out_dir: Path, data, export_label_table) -> str:
     data = data or ck.state.get("dataset")
     if not data or not Path(data).exists():
-        return "skipped: training dataset not found (pass --data DIR)"
+        where = f" at {Path(data).resolve()}" if data else " (the checkpoint names none)"
+        return f"skipped: training dataset not found{where}; pass --data DIR"
     dataset = ImageTextDataset.load(data)
     emb = dataset.text_embeddings(load_text_encoder(ck.text_encoder))
     cfg = ck.model_config

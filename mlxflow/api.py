@@ -27,6 +27,7 @@ from .blas import reexec_with_fast_blas
 from .checkpoint import Checkpoint, checkpoint_step, list_checkpoints, load_weights_into
 from .data.classes import import_class_folder
 from .data.dataset import ImageTextDataset, subset_dataset_folder
+from .data.inputs import describe_skipped
 from .data.emoji import build_emoji_dataset
 from .data.folder import import_image_folder
 from .data.latent_cache import build_latent_cache
@@ -39,10 +40,12 @@ from .pipeline import Generator, check_count
 from .plot import plot_run
 from .sample import make_grid, model_evals, save_png
 from .solvers import SOLVERS
+from .torch_ref import check_device
 from .train.loop import load_training_data
+from .train.resume import resume_rules
 from .train.mlx_session import train as train_mlx
 
-__all__ = ["MlxflowError", "Generator", "family_names", "SOLVERS", "save_png", "make_grid", "model_evals"]
+__all__ = ["MlxflowError", "Generator", "family_names", "SOLVERS", "save_png", "make_grid", "model_evals", "describe_skipped"]
 
 # Per-token MiniLM states: what the emoji family's cross-attention reads (families.Family.text_encoder).
 DEFAULT_TEXT_ENCODER = "minilm-tokens"
@@ -66,6 +69,8 @@ def build_emoji_data(out_dir, size: int = 64, font=None, limit: int | None = Non
                      on_render: Callable[[int, int], None] | None = None,
                      on_embed: Callable[[int, int], None] | None = None) -> dict:
     """Render the emoji set to `out_dir` and cache its text embeddings; returns dataset.json's dict."""
+    if text_encoder:
+        load_text_encoder(text_encoder)  # a bad spec fails here, before anything is written
     info = build_emoji_dataset(out_dir, size=size, font=font, limit=limit, on_progress=on_render, overwrite=overwrite,
                                skin_tones=skin_tones)
     if text_encoder:
@@ -101,7 +106,9 @@ def import_folder_data(src_dir, out_dir, size: int = 64, captions=None, overwrit
                        on_embed: Callable[[int, int], None] | None = None) -> dict:
     """A folder of images + captions file (or no captions, `unconditional`) -> dataset folder.
 
-    Unreadable images are skipped and counted ("skipped", "skipped_files")."""
+    Unreadable images are skipped and counted ("skipped", "skipped_details": name and reason)."""
+    if text_encoder and not unconditional:
+        load_text_encoder(text_encoder)  # a bad spec fails here, before anything is written
     info = import_image_folder(src_dir, out_dir, size=size, captions=captions, on_progress=on_render,
                                overwrite=overwrite, unconditional=unconditional)
     if text_encoder and not unconditional:
@@ -154,6 +161,8 @@ def train_model(family: str, data_dir, out_dir, *, preset: str | None = None, st
     fam = get_family(family)
     mcfg = fam.model_config(preset, **(model_overrides or {}))
     tcfg = fam.train_config(preset, steps=steps, **(train_overrides or {}))
+    if resume:
+        tcfg = resume_rules(fam, out_dir, resume, tcfg, preset, text_encoder, train_overrides or {}, on_message)
     dataset = load_training_data(fam, data_dir)
     # A fixed, spread-out set of training prompts for the periodic grids.
     picks = np.linspace(0, len(dataset) - 1, min(sample_prompts, len(dataset))).astype(int)
@@ -193,6 +202,7 @@ def train_model(family: str, data_dir, out_dir, *, preset: str | None = None, st
     if framework == "torch":
         from .train.torch_session import train_torch  # torch is optional
 
+        device = check_device(device) if device else None
         return train_torch(out_dir, dataset, mcfg, tcfg, device=device, **kwargs)
     raise MlxflowError(f"unknown framework '{framework}' (known: mlx, torch)")
 

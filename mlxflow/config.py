@@ -8,7 +8,10 @@ every checkpoint. Nothing here knows the family registry.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
+
+from .errors import MlxflowError
 
 
 @dataclass
@@ -55,6 +58,35 @@ class TrainConfig:
     sample_every: int = 0  # 0 = only at the end
     sample_steps: int = 20
     sample_cfg: float = 3.0
+
+
+    def validate(self) -> "TrainConfig":
+        """Every setting in its range; MlxflowError naming the first that is not (a value a user typed)."""
+        def need(ok: bool, name: str, rule: str):
+            if not ok:
+                raise MlxflowError(f"{name.replace('_', '-')} must be {rule}, got {getattr(self, name)}")
+
+        def whole(name, lo):
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool) and v >= lo, name, f"a whole number >= {lo}")
+
+        for name in ("steps", "batch_size", "grad_accum", "log_every"):
+            whole(name, 1)
+        for name in ("warmup_steps", "ckpt_every", "keep_checkpoints", "keep_every", "eval_every", "sample_every",
+                     "max_samples", "seed", "sample_steps", "eval_samples"):
+            whole(name, 0)
+        finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)  # noqa: E731
+        need(finite(self.lr) and self.lr > 0, "lr", "a number > 0")
+        for name in ("weight_decay", "grad_clip", "sample_cfg"):
+            need(finite(getattr(self, name)) and getattr(self, name) >= 0, name, "a number >= 0")
+        for name in ("ema_decay", "ema_decay2", "cond_dropout"):
+            need(finite(getattr(self, name)) and 0 <= getattr(self, name) < 1, name, "in [0, 1)")
+        for name in ("min_lr_ratio", "warmup_start"):
+            need(finite(getattr(self, name)) and 0 <= getattr(self, name) <= 1, name, "in [0, 1]")
+        for name in ("t_std", "t_shift", "noise_scale"):
+            need(finite(getattr(self, name)) and getattr(self, name) > 0, name, "a number > 0")
+        need(len(self.betas) == 2 and all(finite(b) and 0 <= b < 1 for b in self.betas), "betas", "two numbers in [0, 1)")
+        return self
 
 
 class PatchTokens:

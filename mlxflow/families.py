@@ -78,7 +78,7 @@ class Family:
     def train_config(self, preset: str | None = None, **overrides) -> TrainConfig:
         preset = preset or self.default_preset
         base = self.train_presets.get(preset, {})
-        return TrainConfig(preset=preset, **{**base, **{k: v for k, v in overrides.items() if v is not None}})
+        return TrainConfig(preset=preset, **{**base, **{k: v for k, v in overrides.items() if v is not None}}).validate()
 
     def config_from_dict(self, d: dict):
         return from_dict(self.config_class, d)

@@ -23,7 +23,9 @@ import numpy as np
 
 from .checkpoint import Checkpoint
 from .conditioning import kind_of
+from .data.dataset import ImageTextDataset
 from .data.latent_cache import LatentCache
+from .encoders import load_text_encoder
 from .errors import MlxflowError
 from .families import Family, get_family, load_checkpoint, load_model
 from .sample import conditions_for, sample_steps, sample_steps_torch, to_uint8
@@ -195,6 +197,25 @@ class Generator:
                 pass
         return found
 
+    def unseen_prompts(self, prompts) -> list[tuple[str, str]]:
+        """(prompt, nearest training caption in the text encoder's space) for each text prompt
+        that is not one of the run's training captions; empty when the training set is not on
+        this machine (a latent cache is not searched). The prompts are still sampled: this is
+        what a front end tells the user about them."""
+        data = self.checkpoint.state.get("dataset")
+        if self.kind != "text" or not data or not (Path(data) / "images.npy").is_file():
+            return []
+        captions = training_captions(data, None)
+        unseen = [p for p in dict.fromkeys(prompts) if p not in set(captions)]
+        if not unseen or not captions:
+            return []
+        try:
+            table = ImageTextDataset.load(data).text_embeddings(load_text_encoder(self.text_encoder))
+        except MlxflowError:
+            return []
+        nearest = (pooled_text(self.conditions(unseen)) @ pooled_text(table).T).argmax(axis=1)
+        return [(p, captions[i]) for p, i in zip(unseen, nearest)]
+
     # --- sampling ------------------------------------------------------------------------
 
     def conditions(self, prompts=(), embeddings: np.ndarray | None = None) -> np.ndarray:
@@ -238,6 +259,12 @@ class Generator:
         for frame in self.generate(prompts, n=n, **kwargs):
             pass
         return self.decode(frame.x)
+
+
+def pooled_text(emb: np.ndarray) -> np.ndarray:
+    """(N, L, D) text states -> (N, D) unit vectors: the mean of the non-padding (non-zero) rows."""
+    mean = emb.sum(axis=1) / np.maximum((np.abs(emb).sum(-1) > 0).sum(axis=1, keepdims=True), 1)
+    return mean / np.maximum(np.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)
 
 
 def training_captions(data, k: int | None) -> list[str]:

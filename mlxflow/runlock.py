@@ -42,6 +42,7 @@ class RunLock:
         self.path = self.run_dir / LOCK_NAME
         self._fd: int | None = None
         self._held = False
+        self._created = False  # this lock made the folder: a run that wrote nothing leaves nothing
 
     @property
     def held(self) -> bool:
@@ -53,6 +54,7 @@ class RunLock:
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise MlxflowError(f"{self.run_dir} is a file, not a folder; choose another --out")
         try:
+            self._created = not self.run_dir.exists()
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise MlxflowError(f"cannot create run folder {self.run_dir}: {e.strerror or e}") from None
@@ -102,6 +104,16 @@ class RunLock:
             fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+        self._remove_if_empty()
+
+    def _remove_if_empty(self) -> None:
+        """A folder this lock created that holds only the lock (a refused or failed start) goes again."""
+        try:
+            if self._created and [p.name for p in self.run_dir.iterdir()] == [LOCK_NAME]:
+                self.path.unlink()
+                self.run_dir.rmdir()
+        except OSError:
+            pass  # another process got in between: leave the folder to it
 
     def __enter__(self) -> "RunLock":
         return self.acquire()

@@ -73,7 +73,7 @@ def test_cache_from_tar_shards_is_labelled_and_skips_the_corrupt_sample(cache):
 
 
 def test_trainer_conditions_are_the_t5_states_of_the_captions(cache, tmp_path):
-    from mlxflow.models.text import load_text_encoder
+    from mlxflow.encoders import load_text_encoder
     from mlxflow.train.loop import prepare_run
 
     fam = get_family("dit")

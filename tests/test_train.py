@@ -170,7 +170,7 @@ def test_losses_are_read_per_window_or_once_a_slow_window_passes_a_second(
     import itertools
     import types
 
-    from mlxflow import trainer
+    from mlxflow.train import loop as trainer
     from mlxflow.train.mlx_session import MLXSession
 
     clock = itertools.count(0.0, seconds_per_step)

@@ -120,8 +120,9 @@ def checkpoint_to_resume(run_dir, resume: str, family: str, train_config: TrainC
             raise MlxflowError(f"--resume latest: no checkpoint in {run_dir}{damaged}")
     ckpt = load_checkpoint(resolve_checkpoint(run_dir if resume == "latest" else Path(resume)), family=family,
                            with_optimizer=True)
+    # lr: api.train_model passes the checkpoint's own unless the user asked for another.
     merged = replace(ckpt.train_config, steps=train_config.steps, log_every=train_config.log_every,
-                     ckpt_every=train_config.ckpt_every, sample_every=train_config.sample_every)
+                     ckpt_every=train_config.ckpt_every, sample_every=train_config.sample_every, lr=train_config.lr)
     if ckpt.step >= merged.steps:
         raise MlxflowError(f"checkpoint {ckpt.path} is already at step {ckpt.step} >= --steps {merged.steps}")
     if ckpt.optimizer is None:
@@ -336,30 +337,38 @@ class StopFlag:
 
 @contextlib.contextmanager
 def graceful_interrupt(on_message: Callable[[str], None] | None = None):
-    """First SIGINT: ask the loop to stop at the next step boundary. Second: stop at once.
-
-    Checkpoints are written atomically, so stopping at once loses nothing already
+    """First SIGINT (Ctrl-C) or SIGTERM (what `timeout`, job schedulers and shutdown send): ask
+    the loop to stop at the next step boundary, which writes a checkpoint. A second one: stop
+    at once. Checkpoints are written atomically, so stopping at once loses nothing already
     written. Only the main thread can own signal handlers; elsewhere this is a no-op.
     """
     flag = StopFlag()
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
-    previous = signal.getsignal(signal.SIGINT)
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+
+    def restore():
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.default_int_handler)
 
     def handler(signum, frame):
         if flag.requested:
-            signal.signal(signal.SIGINT, previous if callable(previous) else signal.default_int_handler)
+            restore()
             raise KeyboardInterrupt
         flag.requested = True
         if on_message:
-            on_message("stopping at the next step report and saving a checkpoint (Ctrl-C again to stop at once)")
+            name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+            on_message(f"{name}: stopping at the next step report and saving a checkpoint "
+                       "(Ctrl-C again to stop at once)")
 
-    signal.signal(signal.SIGINT, handler)
+    for sig in signals:
+        signal.signal(sig, handler)
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+        restore()
 
 
 def run_training(plan: RunPlan, session, *, framework: str,
@@ -403,7 +412,7 @@ def run_training(plan: RunPlan, session, *, framework: str,
                 text_encoder=plan.text_encoder, weights=tensors["weights"], ema=tensors["ema"],
                 ema2=tensors.get("ema2"), optimizer=tensors["optimizer"],
                 state={"batches_consumed": position, "loss": losses[-1] if losses else None,
-                       "dataset": str(getattr(plan.dataset, "path", "")), "world_size": session.world,
+                       "dataset": str(Path(plan.dataset.path).resolve()) if getattr(plan.dataset, "path", "") else "", "world_size": session.world,
                        **({"classes": classes} if classes else {}),
                        **({"random_encoders": True} if getattr(plan.dataset, "meta", {}).get("random") else {}),
                        **(extra_state or {})},
