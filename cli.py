@@ -341,48 +341,73 @@ def cmd_demo(args) -> int:
 
 # --- parser --------------------------------------------------------------------------------
 
+def preset_names() -> str:
+    """'dit: ...; emoji: tiny, default, seed; jit: ...': every family's presets."""
+    return "; ".join(f"{f}: {', '.join(api.presets(f))}" for f in api.family_names())
+
+
 def build_parser() -> argparse.ArgumentParser:
     family_names, SOLVERS = api.family_names, api.SOLVERS
     p = argparse.ArgumentParser(prog="mlxflow", description="Flow-matching image generators in MLX.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("data", help="build a dataset folder")
-    d.add_argument("source", choices=["emoji", "folder", "classes", "latents"],
-                   help="emoji: render the colour-emoji font; folder: your images (+ captions); "
-                        "classes: one subfolder of images per class; latents: a VAE-latent + T5-token "
-                        "cache (the dit family) from --src tar shards / image folder / dataset folder")
-    d.add_argument("out", help="output dataset folder")
-    d.add_argument("--size", type=int, default=64)
-    d.add_argument("--font", help="colour emoji font file (default: the system's)")
-    d.add_argument("--images", help="(folder) source folder of images")
-    d.add_argument("--captions", help="(folder) captions file: filename<TAB>caption lines, or JSON")
-    d.add_argument("--unconditional", action="store_true", help="(folder) no captions: every image, no text")
-    d.add_argument("--limit", type=int, help="only the first N emoji")
-    d.add_argument("--no-skin-tones", action="store_true", help="(emoji) leave out the skin-tone variants")
-    d.add_argument("--text-encoder", help="minilm-tokens (default) | minilm | minilm:DIR | minilm-tokens:DIR | clip | "
-                                          "clip:WEIGHTS (latents: t5 | t5:DIR)")
-    d.add_argument("--src", help="(latents) WebDataset tar shards (file, folder or glob), an image folder "
-                                 "with captions, or a dataset folder")
-    d.add_argument("--vae", default="sd-vae", help="(latents) sd-vae (hub cache / hub) or sd-vae:DIR")
-    d.add_argument("--random-encoders", action="store_true",
-                   help="(latents) tiny RANDOM T5 and VAE instead of the real weights: a labelled pipeline check")
-    d.add_argument("--shard-size", type=int, default=4096, help="(latents) samples per cache shard")
-    d.add_argument("--no-embed", action="store_true", help="skip caching text embeddings")
-    d.add_argument("--overwrite", action="store_true")
-    d.set_defaults(func=cmd_data)
+    d = sub.add_parser("data", help="build a dataset folder (emoji, folder, classes) or a latent cache (latents)")
+    sources = d.add_subparsers(dest="source", required=True, metavar="SOURCE")
+    encoders = "minilm-tokens (default) | minilm | minilm:DIR | minilm-tokens:DIR | clip | clip:WEIGHTS"
+    kinds = {
+        "emoji": "render the colour-emoji font (Apple Color Emoji / Noto Color Emoji), labelled with CLDR names",
+        "folder": "your images with captions (captions.tsv/.txt/.csv/.json/.jsonl, or a.txt beside a.png), "
+                  "or --unconditional",
+        "classes": "one subfolder of images per class (class-conditional JiT)",
+        "latents": "SD-VAE latents + T5 token ids (the dit family) from tar shards, an image folder or a dataset folder",
+    }
+    for name, what in kinds.items():
+        ds = sources.add_parser(name, help=what, description=what)
+        ds.add_argument("out", help="output dataset folder" if name != "latents" else "output latent cache folder")
+        ds.add_argument("--size", type=int, default=64, help="image side in pixels after centre-crop and resize "
+                                                               "(default 64)")
+        if name in ("folder", "classes"):
+            ds.add_argument("--images", required=True, help="source folder of images")
+        if name == "emoji":
+            ds.add_argument("--font", help="colour emoji font file (default: the system's)")
+            ds.add_argument("--no-skin-tones", action="store_true", help="leave out the skin-tone variants "
+                                                                        "(1.9k distinct emoji instead of 3.8k)")
+        if name in ("emoji", "latents"):
+            ds.add_argument("--limit", type=int, help="only the first N emoji / samples")
+        if name == "folder":
+            ds.add_argument("--captions", help="captions file (default: captions.* in the image folder); "
+                                               "UTF-8, a byte-order mark is fine (see README, Inputs)")
+            ds.add_argument("--unconditional", action="store_true", help="no captions: every image, no text")
+        if name in ("emoji", "folder"):
+            ds.add_argument("--text-encoder", help=f"frozen text encoder to cache embeddings with: {encoders}")
+            ds.add_argument("--no-embed", action="store_true", help="skip caching text embeddings")
+        if name != "latents":
+            ds.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
+        if name == "latents":
+            ds.add_argument("--src", required=True, help="WebDataset tar shards (file, folder or glob), an image "
+                                                         "folder with captions, or a dataset folder")
+            ds.add_argument("--captions", help="captions file for an image folder --src")
+            ds.add_argument("--text-encoder", help="t5 (default: google-t5/t5-small from the HF cache) | t5:DIR")
+            ds.add_argument("--vae", default="sd-vae", help="sd-vae (the HF cache / hub) or sd-vae:DIR")
+            ds.add_argument("--random-encoders", action="store_true",
+                            help="tiny RANDOM T5 and VAE instead of the real weights: a labelled pipeline check")
+            ds.add_argument("--shard-size", type=int, default=4096, help="samples per cache shard (default 4096)")
+        ds.set_defaults(func=cmd_data, font=None, limit=None, images=None, captions=None, unconditional=False,
+                        text_encoder=None, no_embed=False, overwrite=False, no_skin_tones=False)
 
     t = sub.add_parser("train", help="train a model")
     t.add_argument("family", choices=family_names())
-    t.add_argument("--data", required=True)
+    t.add_argument("--data", required=True, help="dataset folder (mlxflow data ...) or latent cache (dit)")
     t.add_argument("--out", required=True, help="run folder (checkpoints, samples)")
-    t.add_argument("--preset", help="named preset of the family (default: the family's default)")
-    t.add_argument("--steps", type=int)
-    t.add_argument("--resume", help="latest | PATH")
+    t.add_argument("--preset", help="named preset (default: the family's): " + preset_names())
+    t.add_argument("--steps", type=int, help="optimizer steps to train to (default: the preset's)")
+    t.add_argument("--resume", help="latest (the run's newest intact checkpoint; starts fresh when there is "
+                                    "none) | a checkpoint folder; see README, Long runs, for what a resumed run keeps")
     t.add_argument("--text-encoder", help="frozen text encoder spec (default: the family's: emoji minilm-tokens, "
                                           "jit minilm; dit reads its latent cache's)")
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--lr", type=float)
-    t.add_argument("--grad-accum", type=int)
+    t.add_argument("--batch-size", type=int, help="images per optimizer step, across all ranks (default: the preset's)")
+    t.add_argument("--lr", type=float, help="peak learning rate (warmup, then cosine; default: the preset's)")
+    t.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default: 1)")
     t.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: the preset's)")
     t.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="(torch) torch.compile the model (default: on with CUDA)")
@@ -393,10 +418,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device-data", action=argparse.BooleanOptionalAction,
                    help="hold the image set on the training device and draw batches there "
                         "(default: when it fits in 2 GiB)")
-    t.add_argument("--seed", type=int)
-    t.add_argument("--ckpt-every", type=int)
-    t.add_argument("--sample-every", type=int)
-    t.add_argument("--framework", choices=["mlx", "torch"], default="mlx")
+    t.add_argument("--seed", type=int, help="seed of the initial weights, data order and noise (default 0)")
+    t.add_argument("--ckpt-every", type=int, help="steps between checkpoints (0: only at the end)")
+    t.add_argument("--sample-every", type=int, help="steps between sample grids in RUN/samples (0: only at the end)")
+    t.add_argument("--framework", choices=["mlx", "torch"], default="mlx",
+                   help="MLX (the default; Metal on a Mac) or the torch twin (CUDA, DDP under torchrun)")
     t.add_argument("--device", help="(torch) cpu | cuda | mps (default: best available)")
     t.add_argument("--log-every", type=int, default=25, help="steps between log lines when not on a terminal")
     t.add_argument("--embeddings", help="precomputed float32 (N, L, D) caption embeddings (.npy) instead of the "
@@ -429,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_sample)
 
     fd = sub.add_parser("fid", help="FID (standard Inception) of a checkpoint against its training data")
-    fd.add_argument("ckpt")
+    fd.add_argument("ckpt", help="checkpoint folder, or run folder (its latest checkpoint)")
     fd.add_argument("--data", required=True, help="the dataset folder or latent cache it trained on")
     fd.add_argument("--n", type=int, default=1000, help="samples (and reference images); keep it fixed to compare")
     fd.add_argument("--steps", type=int, help="solver steps (default: the family's)")
@@ -441,15 +467,15 @@ def build_parser() -> argparse.ArgumentParser:
     fd.set_defaults(func=cmd_fid)
 
     so = sub.add_parser("solvers", help="compare few-step solver schedules against a fine reference solve")
-    so.add_argument("ckpt")
+    so.add_argument("ckpt", help="checkpoint folder, or run folder (its latest checkpoint)")
     so.add_argument("prompts", nargs="*", help="prompts (text models), class names (class models), none (unconditional)")
     so.add_argument("--schedule", nargs="+", metavar="SOLVER:STEPS[:SHIFT]",
                     default=["euler:50", "euler:10", "heun:5", "midpoint:5", "ab2:10", "ab2:10:2"],
                     help="schedules to compare (default: euler 50 and five 10-evaluation ones)")
     so.add_argument("--data", help="dataset folder: also score prompt fidelity (prompts must be its captions)")
-    so.add_argument("--n", type=int, default=4)
-    so.add_argument("--cfg", type=float)
-    so.add_argument("--seed", type=int, default=0)
+    so.add_argument("--n", type=int, default=4, help="samples per prompt (default 4)")
+    so.add_argument("--cfg", type=float, help="guidance scale (default: the family's)")
+    so.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     so.set_defaults(func=cmd_solvers)
 
     pl = sub.add_parser("plot", help="draw a run's curves (RUN/log.jsonl) to a PNG")
@@ -459,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="train-step throughput and peak memory")
     b.add_argument("family", choices=family_names())
-    b.add_argument("--preset", help="named preset (default: the family's default)")
+    b.add_argument("--preset", help="named preset (default: the family's): " + preset_names())
     b.add_argument("--batch-size", default="32",
                    help="batch size, or 'auto': double from 8 until memory (or --max-batch) runs out")
     b.add_argument("--max-batch", type=int, default=1024, help="largest batch 'auto' tries")
@@ -469,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "dit needs a cache)")
     b.add_argument("--device-data", action=argparse.BooleanOptionalAction,
                    help="(--trainer) hold the set on the device (default: the trainer's choice: when it fits)")
-    b.add_argument("--steps", type=int, default=10)
+    b.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     b.add_argument("--framework", choices=["mlx", "torch", "both"], default="both",
                    help="both (default) times MLX and torch on the same preset and batch")
     b.add_argument("--torch-device", default=None, help="cpu | cuda | mps (default: best available)")
@@ -477,8 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
 
     f = sub.add_parser("fidelity", help="prompt fidelity against the training images")
-    f.add_argument("ckpt")
-    f.add_argument("--data", required=True)
+    f.add_argument("ckpt", help="checkpoint folder, or run folder (its latest checkpoint)")
+    f.add_argument("--data", required=True, help="the dataset folder it trained on (its images are the references)")
     f.add_argument("--k", type=int, default=16, help="number of training prompts")
     f.add_argument("--n", type=int, default=2, help="samples per prompt")
     f.add_argument("--steps", type=int, help="solver steps (default: the family's)")
@@ -486,25 +512,25 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--shift", type=float, help="time-grid shift (default: the family's for its solver)")
     f.add_argument("--prompts", nargs="+", help="training captions to score (default: --k spread over the set)")
     f.add_argument("--cfg", type=float, help="(default: the family's)")
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     f.add_argument("--baseline", action="store_true", help="also score an untrained model of the same shape")
     f.set_defaults(func=cmd_fidelity)
 
     c = sub.add_parser("crosscheck", help="compare MLX and torch on the same weights")
-    c.add_argument("ckpt")
-    c.add_argument("--batch", type=int, default=2)
-    c.add_argument("--steps", type=int, default=8)
-    c.add_argument("--solver", default="heun")
-    c.add_argument("--cfg", type=float, default=3.0)
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--tol", type=float, default=1e-4)
-    c.add_argument("--device", default="cpu")
-    c.add_argument("--no-train-step", action="store_true")
+    c.add_argument("ckpt", help="checkpoint folder, or run folder (its latest checkpoint)")
+    c.add_argument("--batch", type=int, default=2, help="images per compared batch")
+    c.add_argument("--steps", type=int, default=8, help="solver steps of the compared trajectory")
+    c.add_argument("--solver", default="heun", choices=sorted(SOLVERS), help="solver of the compared trajectory")
+    c.add_argument("--cfg", type=float, default=3.0, help="guidance scale of the compared trajectory")
+    c.add_argument("--seed", type=int, default=0, help="seed of the inputs and noise")
+    c.add_argument("--tol", type=float, default=1e-4, help="relative tolerance per block and output")
+    c.add_argument("--device", default="cpu", help="torch device of the twin (cpu | cuda | mps)")
+    c.add_argument("--no-train-step", action="store_true", help="skip the compared AdamW training step")
     c.set_defaults(func=cmd_crosscheck)
 
     e = sub.add_parser("export", help="export a checkpoint")
     e.add_argument("target", choices=["coreml"])
-    e.add_argument("ckpt")
+    e.add_argument("ckpt", help="checkpoint folder, or run folder (its latest checkpoint)")
     e.add_argument("out", help="output folder")
     e.add_argument("--precision", choices=["fp16", "fp32"], default="fp16")
     e.add_argument("--compress", choices=["palettize6", "palettize8", "int8"])
@@ -524,9 +550,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("demo", help="build the emoji set, train the tiny preset on a dozen emoji, write and score a grid")
-    m.add_argument("--out", default="runs/demo")
-    m.add_argument("--steps", type=int, default=800)
-    m.add_argument("--font")
+    m.add_argument("--out", default="runs/demo", help="folder for the data, the run and the grid")
+    m.add_argument("--steps", type=int, default=800, help="training steps (default 800)")
+    m.add_argument("--font", help="colour emoji font file (default: the system's)")
     m.set_defaults(func=cmd_demo)
     return p
 

