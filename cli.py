@@ -367,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
         ds.add_argument("--size", type=int, default=64, help="image side in pixels after centre-crop and resize "
                                                                "(default 64)")
         if name in ("folder", "classes"):
-            ds.add_argument("--images", required=True, help="source folder of images")
+            ds.add_argument("--images", help="source folder of images (required)")
         if name == "emoji":
             ds.add_argument("--font", help="colour emoji font file (default: the system's)")
             ds.add_argument("--no-skin-tones", action="store_true", help="leave out the skin-tone variants "
@@ -384,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name != "latents":
             ds.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
         if name == "latents":
-            ds.add_argument("--src", required=True, help="WebDataset tar shards (file, folder or glob), an image "
+            ds.add_argument("--src", help="(required) WebDataset tar shards (file, folder or glob), an image "
                                                          "folder with captions, or a dataset folder")
             ds.add_argument("--captions", help="captions file for an image folder --src")
             ds.add_argument("--text-encoder", help="t5 (default: google-t5/t5-small from the HF cache) | t5:DIR")

@@ -24,7 +24,7 @@ from . import bench as _bench
 from . import crosscheck as _crosscheck
 from . import evaluate
 from .blas import reexec_with_fast_blas
-from .checkpoint import Checkpoint, checkpoint_step, list_checkpoints, load_weights_into
+from .checkpoint import checkpoint_step, list_checkpoints
 from .data.classes import import_class_folder
 from .data.dataset import ImageTextDataset, subset_dataset_folder
 from .data.inputs import describe_skipped
@@ -34,7 +34,6 @@ from .data.latent_cache import build_latent_cache
 from .data.shards import open_samples
 from .encoders import load_latent_vae, load_text_encoder, random_encoder_folders
 from .errors import MlxflowError
-from .fid import fid_available
 from .families import build_model, family_names, get_family, load_checkpoint
 from .pipeline import Generator, check_count
 from .plot import plot_run
@@ -43,9 +42,11 @@ from .solvers import SOLVERS
 from .torch_ref import check_device
 from .train.loop import load_training_data
 from .train.resume import resume_rules
+from .train.watch import RunWatcher, grid_conditions
 from .train.mlx_session import train as train_mlx
 
-__all__ = ["MlxflowError", "Generator", "family_names", "SOLVERS", "save_png", "make_grid", "model_evals", "describe_skipped"]
+__all__ = ["MlxflowError", "Generator", "family_names", "SOLVERS", "save_png", "make_grid", "model_evals", "describe_skipped",
+           "grid_conditions"]
 
 # Per-token MiniLM states: what the emoji family's cross-attention reads (families.Family.text_encoder).
 DEFAULT_TEXT_ENCODER = "minilm-tokens"
@@ -138,13 +139,6 @@ def load_embeddings(path) -> np.ndarray:
     return emb.astype(np.float32)
 
 
-def grid_conditions(plan, picks: np.ndarray) -> np.ndarray:
-    """The conditions of training samples `picks` as the network takes them."""
-    if plan.embeddings is not None:
-        return plan.embeddings[picks]
-    return evaluate.cache_conditions(plan.dataset, picks, plan.condition_encoder)
-
-
 # --- train -------------------------------------------------------------------------------
 
 def train_model(family: str, data_dir, out_dir, *, preset: str | None = None, steps: int | None = None,
@@ -164,36 +158,10 @@ def train_model(family: str, data_dir, out_dir, *, preset: str | None = None, st
     if resume:
         tcfg = resume_rules(fam, out_dir, resume, tcfg, preset, text_encoder, train_overrides or {}, on_message)
     dataset = load_training_data(fam, data_dir)
-    # A fixed, spread-out set of training prompts for the periodic grids.
-    picks = np.linspace(0, len(dataset) - 1, min(sample_prompts, len(dataset))).astype(int)
-    samples_dir = Path(out_dir) / "samples"
-
-    def generator_of(ema_weights, plan) -> Generator:
-        """The run's EMA as a Generator: its own conditions and settings (a resumed run's, not the preset's)."""
-        model = build_model(family, plan.model_config)
-        load_weights_into(model, ema_weights, "EMA weights")
-        ckpt = Checkpoint(path=Path(out_dir), family=family, model_config=plan.model_config,
-                          train_config=plan.train_config, text_encoder=plan.condition_encoder or plan.text_encoder,
-                          weights=ema_weights)
-        return Generator(ckpt, model)
-
-    def write_samples(step, ema_weights, plan):
-        gen, cfg = generator_of(ema_weights, plan), plan.train_config
-        images = gen(conditions=grid_conditions(plan, picks), steps=cfg.sample_steps, cfg=cfg.sample_cfg, seed=0)
-        path = save_png(make_grid(images, scale=2), samples_dir / f"step-{step:07d}.png")
-        if on_sample:
-            on_sample(step, path)
-
-    def evaluate_fid(step, ema_weights, plan):
-        if not fid_available():
-            return None
-        gen, cfg = generator_of(ema_weights, plan), plan.train_config
-        return {"fid": evaluate.fid_of_generator(gen, plan.dataset, data_dir, n=cfg.eval_samples,
-                                                 steps=cfg.sample_steps, cfg=cfg.sample_cfg)}
-
+    watch = RunWatcher(family, out_dir, data_dir, len(dataset), sample_prompts, on_sample)
     kwargs = dict(family=family, text_encoder=text_encoder, resume=resume, embeddings=embeddings, on_step=on_step,
-                  on_checkpoint=on_checkpoint, on_sample=write_samples if sample_prompts else None,
-                  on_message=on_message, on_eval=evaluate_fid)
+                  on_checkpoint=on_checkpoint, on_sample=watch.samples if sample_prompts else None,
+                  on_message=on_message, on_eval=watch.fid)
     if framework == "mlx":
         if device not in (None, "cpu", "gpu"):
             raise MlxflowError(f"--device {device} is for the torch trainer; MLX uses its default device "

@@ -15,7 +15,8 @@ Everything here is framework-free; a framework supplies a small `Session`:
     session.rank, session.world, session.barrier(), session.any_rank(flag)
 
 so both frameworks get the same checkpoints, the same error messages and the same
-callbacks (`on_step(StepInfo)`, `on_checkpoint(path)`, `on_sample(step, ema_weights, plan)`).
+callbacks (`on_step(StepInfo)`, `on_checkpoint(path)`, `on_sample(step, ema_weights, plan)`, whose
+returned metrics, if any, go to the run log as an eval record).
 
 The loop never waits for the device between log steps: reading a loss back would stall a
 GPU after every step, which is what bounds small models on big GPUs. Losses and gradient
@@ -480,13 +481,17 @@ def run_training(plan: RunPlan, session, *, framework: str,
             if due(cfg.ckpt_every):
                 final = save(step)
             if on_sample and session.rank == 0 and due(cfg.sample_every):
-                on_sample(step, session.ema_weights(), plan)
+                sampled = on_sample(step, session.ema_weights(), plan)
+                if sampled and log is not None:
+                    log.write("eval", step, **sampled)
         if step > plan.start_step and (final is None or final.name != f"step-{step:07d}"):
             final = save(step)
         elif final is None:
             final = save(step)  # a fresh run asked for zero steps still leaves its initial weights
     if on_sample and session.rank == 0 and not interrupted:
-        on_sample(step, session.ema_weights(), plan)
+        sampled = on_sample(step, session.ema_weights(), plan)
+        if sampled and log is not None:
+            log.write("eval", step, **sampled)
     if log is not None:
         log.close()
     return TrainResult(final, losses, step, plan.start_step, plan.model_config, interrupted)
