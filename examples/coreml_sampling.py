@@ -1,9 +1,11 @@
 """Generate an emoji with an exported Core ML denoiser, exactly as an app would.
 
-    python examples/coreml_sampling.py --model emoji.mlpackage --labels labels/ --prompt "red heart" \
-        --steps 20 --cfg 7.5 --solver heun --out heart.png
+    python examples/coreml_sampling.py --model app/EmojiDenoiser.mlpackage --labels app/ --prompt "red heart" \
+        --out heart.png
 
-noise -> Heun (or Euler) steps over t: 0 -> 1 with classifier-free guidance, where the
+Without --steps/--solver/--cfg it samples with the family's defaults, which the exporter
+wrote into the package's metadata (the ones `mlxflow sample` uses: ab2, 20 steps, CFG 3 for
+the emoji family). noise -> solver steps over t: 0 -> 1 with classifier-free guidance, where the
 unconditional branch is the zero text embedding and both branches run as one batch-2 call
 (exported packages take batch sizes 1 and 2 by default):  v = v_u + s * (v_c - v_u).
 macOS runs the package with Core ML (MLModel.predict); elsewhere its ML Program is
@@ -24,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from convert.coreml import load_label_table, open_denoiser  # noqa: E402
 from mlxflow.errors import MlxflowError  # noqa: E402
-from mlxflow.solvers import guided, integrate  # noqa: E402
+from mlxflow.solvers import SOLVERS, guided, integrate  # noqa: E402
 
 
-def sample(denoise, text, shape, *, steps=20, cfg=7.5, solver="heun", seed=0):
+def sample(denoise, text, shape, *, steps=20, cfg=3.0, solver="ab2", seed=0):
     """Integrate dx/dt = v from noise (t=0) to data (t=1) with mlxflow's own numpy-ready
     solvers; CFG runs conditional and unconditional (zero embedding) as one batch-2 call.
     Yields (step, x) after each step."""
@@ -54,9 +56,9 @@ def main(argv=None):
     p.add_argument("--labels", help="folder with labels.json + label_embeddings.bin")
     p.add_argument("--prompt", help="label text (exact or substring match) from the label table")
     p.add_argument("--index", type=int, default=0, help="label row when no --prompt")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--cfg", type=float, default=7.5)
-    p.add_argument("--solver", choices=("heun", "euler", "midpoint", "rk4"), default="heun")
+    p.add_argument("--steps", type=int, help="solver steps (default: the package's mlxflow.sample_steps)")
+    p.add_argument("--cfg", type=float, help="guidance scale (default: the package's mlxflow.sample_cfg)")
+    p.add_argument("--solver", choices=sorted(SOLVERS), help="(default: the package's mlxflow.sample_solver)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", choices=("coreml-predict", "mil-numpy"), default=None)
     p.add_argument("--out", default="emoji.png")
@@ -65,6 +67,11 @@ def main(argv=None):
         denoise, info = open_denoiser(a.model, backend=a.backend)
         _, c, h, w = info["shapes"]["x_t"]
         _, L, D = info["shapes"]["text"]
+        meta = info["metadata"]
+        # The family's defaults travel in the package (older packages: the emoji family's).
+        a.steps = a.steps or int(json.loads(meta.get("mlxflow.sample_steps", "20")))
+        a.solver = a.solver or str(meta.get("mlxflow.sample_solver", "ab2")).strip('"')
+        a.cfg = a.cfg if a.cfg is not None else float(json.loads(meta.get("mlxflow.sample_cfg", "3.0")))
         if 2 not in json.loads(info["metadata"].get("mlxflow.batch_sizes", "[1]")) and a.cfg != 1.0:
             raise MlxflowError("this package does not take batch 2; export with --batch-sizes 1 2 or use --cfg 1")
         if a.labels:
