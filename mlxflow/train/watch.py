@@ -32,14 +32,18 @@ def grid_conditions(plan, picks: np.ndarray) -> np.ndarray:
 class RunWatcher:
     """Callbacks for one run. `samples` writes OUT/samples/step-*.png (a row of `grid_prompts`
     training prompts spread over the set) and returns {"sample_fidelity", "sample_prompts"}:
-    the share of 4 x grid_prompts spread training prompts (one sample each) whose nearest
+    the share of grid_prompts (4 x grid_prompts on a set of 1,000 or more) spread training
+    prompts, one sample each, whose nearest
     training image is their own (text-conditioned pixel data; the run log keeps it and
     `mlxflow plot` draws it). `fid` returns {"fid"} when the FID network is on this machine."""
 
     def __init__(self, family: str, out_dir, data_dir, n_samples: int, grid_prompts: int = 8,
                  on_sample: Callable[[int, Path], None] | None = None):
         self.family, self.out_dir, self.data_dir, self.on_sample = family, Path(out_dir), data_dir, on_sample
-        self.picks = np.linspace(0, n_samples - 1, min(4 * max(grid_prompts, 1), n_samples)).astype(int)
+        # A full-size set gets 4 estimate prompts per grid row; a small one just its grid's.
+        per_row = 4 if n_samples >= 1000 else 1
+        self.picks = np.linspace(0, n_samples - 1, min(per_row * max(grid_prompts, 1), n_samples)).astype(int)
+        self.grid_rows = self.picks[::per_row]
         self.references = None
 
     def generator(self, ema_weights: dict, plan) -> Generator:
@@ -54,7 +58,8 @@ class RunWatcher:
     def samples(self, step: int, ema_weights: dict, plan) -> dict | None:
         gen, cfg = self.generator(ema_weights, plan), plan.train_config
         images = gen(conditions=grid_conditions(plan, self.picks), steps=cfg.sample_steps, cfg=cfg.sample_cfg, seed=0)
-        path = save_png(make_grid(images[::4], scale=2), self.out_dir / "samples" / f"step-{step:07d}.png")
+        path = save_png(make_grid(images[np.isin(self.picks, self.grid_rows)], scale=2),
+                        self.out_dir / "samples" / f"step-{step:07d}.png")
         if self.on_sample:
             self.on_sample(step, path)
         if gen.kind != "text" or not hasattr(plan.dataset, "images"):
