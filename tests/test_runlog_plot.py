@@ -140,3 +140,26 @@ def test_plot_errors(tmp_path):
         plot_run(tmp_path)
     assert "\n" not in str(e.value)
     assert not (tmp_path / "curves.png").exists()
+
+
+def test_runs_log_a_fidelity_estimate_with_every_grid(tmp_path, monkeypatch):
+    """`sample_every` writes a grid and logs the share of spread training prompts drawn nearest
+    their own image; `mlxflow plot` gives it a panel."""
+    from conftest import caption_code_encoder, make_shapes_dataset, micro_emoji_config
+
+    from mlxflow import api
+    from mlxflow import encoders as text
+
+    ds, emb = make_shapes_dataset(tmp_path / "d", n=16)
+    monkeypatch.setitem(text._CACHE, "fake", caption_code_encoder("fake", ds.captions, emb))
+    micro = {k: v for k, v in vars(micro_emoji_config()).items() if k not in ("text_dim", "text_tokens")}
+    api.train_model("emoji", tmp_path / "d", tmp_path / "r", preset="tiny", steps=4, text_encoder="fake",
+                    model_overrides=dict(micro, text_dim=emb.shape[2], text_tokens=emb.shape[1]),
+                    train_overrides=dict(batch_size=8, sample_every=2, ckpt_every=0, sample_steps=2),
+                    sample_prompts=4)
+    evals = [r for r in read_log(tmp_path / "r") if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(0.0 <= r["sample_fidelity"] <= 1.0 and r["sample_prompts"] == 4 for r in evals)
+    assert sorted(p.name for p in (tmp_path / "r" / "samples").iterdir()) == ["step-0000002.png", "step-0000004.png"]
+    assert ("eval", "sample_fidelity") in [curve for _, curves in _panels(read_log(tmp_path / "r")) for curve in curves]
+    assert plot_run(tmp_path / "r").is_file()
