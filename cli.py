@@ -530,8 +530,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except MlxflowError as e:
-        # Plain print: one line, never wrapped or styled, whatever the terminal width.
-        print(f"error: {e}", file=sys.stderr)
+        # Plain print: one line, never wrapped or styled, whatever the terminal width. An error
+        # every rank of a data-parallel run raised alike is printed by rank 0 alone.
+        if api.is_rank_zero() or not getattr(e, "every_rank", False):
+            print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; checkpoints already written are intact (--resume latest continues a run)",
