@@ -217,5 +217,146 @@ def test_two_ranks_match_one_process_and_resume_across_world_sizes(tmp_path, dat
     assert sorted(p.name for p in (tmp_path / "two").glob("step-*")) == ["step-0000002", "step-0000004"]
 
 
+
+def start_ranks(tmp_path: Path, jobs: list[dict], n: int = 2, **extra) -> list[subprocess.Popen]:
+    """The ranks without mlx.launch (which would end the others when one dies): this tests the
+    trainer's own guards. The hostfile is the one mlx.launch writes for the ring backend."""
+    port = free_ports(n)
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{port + r}"] for r in range(n)]))
+    spec = tmp_path / "jobs.json"
+    spec.write_text(json.dumps(jobs))
+    return [subprocess.Popen([sys.executable, str(Path(__file__).resolve()), str(spec)], cwd=REPO,
+                             env=env(MLX_RANK=str(r), MLX_HOSTFILE=str(hostfile), **extra),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(n)]
+
+
+def wait_for(path: Path, procs, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            for p in procs:
+                p.kill()
+            raise AssertionError(f"{path} never appeared: " + " | ".join(p.communicate()[1][-1500:] for p in procs))
+        time.sleep(0.2)
+
+
+def errors(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.parametrize("how", ["killed", "stopped"])
+def test_lost_rank_stops_the_other_with_one_line_and_the_run_resumes(tmp_path, data, how):
+    """killed: the peer's sockets close, the ring says so at once. stopped (SIGSTOP: a hung
+    machine) : nothing closes, the watchdog's timeout (MLXFLOW_DIST_TIMEOUT) ends the wait."""
+    from mlxflow.checkpoint import list_checkpoints
+    from mlxflow.families import load_checkpoint
+    from mlxflow.train.mlx_session import train
+
+    ds, emb = data
+    run = tmp_path / "run"
+    cfg = dict(steps=100000, batch_size=8, ckpt_every=5, log_every=5, keep_checkpoints=2)
+    procs = start_ranks(tmp_path, [dict(run=str(run), data=str(tmp_path / "data"), emb=str(tmp_path / "emb.npy"),
+                                        cfg=cfg)], MLXFLOW_DIST_TIMEOUT="8")
+    try:
+        wait_for(run / "step-0000010", procs)
+        procs[1].send_signal(signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+        tic = time.monotonic()
+        _, err = procs[0].communicate(timeout=60)
+        waited = time.monotonic() - tic
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+    assert procs[0].returncode == 1, err[-3000:]
+    (line,) = errors(err) or [err[-3000:]]
+    if how == "killed":
+        assert "rank 0: lost the other ranks" in line and waited < 30, (line, waited)
+    else:
+        assert "rank 0: no answer from the other ranks for 8 s" in line and 8 <= waited < 40, (line, waited)
+    assert "Traceback" not in err
+    intact, broken = list_checkpoints(run, with_broken=True)
+    assert intact and not broken
+    newest = load_checkpoint(run)
+    assert newest.state["world_size"] == 2
+    # It resumes: one process, two more steps, same global batch and data position.
+    out = train(run, ds, micro_emoji_config(), quick_train_config(**{**cfg, "steps": newest.step + 2}),
+                family="emoji", embeddings=emb, resume="latest")
+    assert out["steps"] == newest.step + 2 and out["start_step"] == newest.step
+    assert load_checkpoint(run).state["batches_consumed"] == newest.step + 2
+
+
+def test_ctrl_c_on_one_rank_stops_both_at_one_step_with_one_checkpoint(tmp_path, data):
+    from mlxflow.checkpoint import list_checkpoints
+    from mlxflow.families import load_checkpoint
+
+    run = tmp_path / "run"
+    cfg = dict(steps=100000, batch_size=8, ckpt_every=0, log_every=5)
+    procs = start_ranks(tmp_path, [dict(run=str(run), data=str(tmp_path / "data"), emb=str(tmp_path / "emb.npy"),
+                                        cfg=cfg)])
+    try:
+        wait_for(run / "log.jsonl", procs)
+        time.sleep(1.0)
+        procs[1].send_signal(signal.SIGINT)  # rank 1 alone: the stop check is a collective
+        outs = [p.communicate(timeout=60) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    r0, r1 = digest(run, 0), digest(run, 1)
+    assert r0["interrupted"] and r1["interrupted"] and r0["steps"] == r1["steps"] and r0["digest"] == r1["digest"]
+    assert [p.name for p in list_checkpoints(run)] == [f"step-{r0['steps']:07d}"]
+    assert load_checkpoint(run).step == r0["steps"] and r0["steps"] % 5 == 0
+
+
+def cli(tmp_path, *args, steps=2, batch=4) -> list[str]:
+    return ["-m", "mlxflow", "train", "emoji", "--data", str(tmp_path / "data32"), "--preset", "tiny",
+            "--steps", str(steps), "--batch-size", str(batch), "--ckpt-every", "0",
+            "--embeddings", str(tmp_path / "emb32.npy"), *args]
+
+
+@pytest.fixture
+def data32(tmp_path):
+    _, emb = make_shapes_dataset(tmp_path / "data32", size=32)
+    np.save(tmp_path / "emb32.npy", emb)
+
+
+def test_cli_under_mlx_launch(tmp_path, data32):
+    """The documented command: mlx.launch -n 2 --backend ring -- python -m mlxflow train ..."""
+    from mlxflow.families import load_checkpoint
+
+    proc = launch(cli(tmp_path, "--out", str(tmp_path / "run")), timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("done: step 2") == 1  # only rank 0 prints
+    ckpt = load_checkpoint(tmp_path / "run")
+    assert ckpt.step == 2 and ckpt.meta["framework"] == "mlx" and ckpt.state["world_size"] == 2
+
+
+def test_global_batch_must_split_across_ranks(tmp_path, data32):
+    proc = launch(cli(tmp_path, "--out", str(tmp_path / "run"), batch=5), timeout=180)
+    # mlx.launch itself exits 0 whatever its ranks do; it names a rank that failed.
+    assert "Node with rank 0 exited with code 1" in proc.stderr
+    assert errors(proc.stderr) == ["error: batch_size 5 must be divisible by the number of processes (2)"], \
+        proc.stderr[-3000:]
+    assert not list((tmp_path / "run").glob("step-*"))
+
+
+def test_two_runs_on_one_folder(tmp_path, data32):
+    from mlxflow.runlock import RunLock
+
+    with RunLock(tmp_path / "run"):  # another trainer holds the folder
+        proc = launch(cli(tmp_path, "--out", str(tmp_path / "run")), timeout=180)
+    assert "Node with rank 0 exited with code 1" in proc.stderr
+    (line,) = errors(proc.stderr)
+    assert "is in use by another mlxflow process" in line and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert not list((tmp_path / "run").glob("step-*"))
+
 if __name__ == "__main__":
-    worker(sys.argv[1])
+    from mlxflow.errors import MlxflowError
+
+    try:
+        worker(sys.argv[1])
+    except MlxflowError as e:  # as the CLI reports it
+        if os.environ.get("MLX_RANK", "0") == "0" or not getattr(e, "every_rank", False):
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -20,6 +20,7 @@ one line. Checkpoints are written atomically, so the newest one on disk stays in
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import os
 import pickle
 import sys
@@ -97,17 +98,25 @@ class Watchdog:
             self.what, self.deadline = what, time.monotonic() + self.timeout
         try:
             yield
-        except RuntimeError as e:  # the ring (or MPI) saw a peer go away
-            if "peer" in str(e) or "connection" in str(e) or "ring" in str(e):
-                raise MlxflowError(f"rank {self.rank}: lost the other ranks while {what} after step {self.step} "
-                                   f"({e}); the newest checkpoint on disk is intact (--resume latest)") from None
-            raise
+        except RuntimeError as e:
+            raise self.lost(e, what) from None
         finally:
             with self.lock:
                 self.deadline = None
 
+    def lost(self, e: RuntimeError, what: str = "training") -> Exception:
+        """A communication error as one line (the ring, or MPI, saw a peer go away); others as they are."""
+        if not any(word in str(e).lower() for word in ("peer", "connection", "ring", "socket", "mpi")):
+            return e
+        return MlxflowError(f"rank {self.rank}: lost the other ranks while {what} after step {self.step} ({e}); "
+                            "the newest checkpoint on disk is intact (--resume latest)")
+
     def _watch(self):
         while True:
+            # Backstop for a wait inside a call that holds the GIL (this thread could not run):
+            # faulthandler's own C thread ends the process, with a traceback, 60 s after this
+            # thread last ran.
+            faulthandler.dump_traceback_later(self.timeout + 60, exit=True)
             time.sleep(min(1.0, max(self.timeout / 10, 0.05)))
             with self.lock:
                 late = self.deadline is not None and time.monotonic() > self.deadline

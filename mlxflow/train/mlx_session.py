@@ -236,15 +236,23 @@ class MLXSession:
         images = mx.stack([p[0] for p in pairs])
         text = mx.stack([p[1] for p in pairs])
         loss, grad_norm = self.train_step(images, text, step_key(self.cfg.seed, step))
-        mx.async_eval(loss, grad_norm, self.model.state, self.optimizer.state, self.ema.state,
-                      self.ema2.state if self.ema2 is not None else [])
+        state = (loss, grad_norm, self.model.state, self.optimizer.state, self.ema.state,
+                 self.ema2.state if self.ema2 is not None else [])
+        if self.group is not None:
+            # Across ranks both calls may wait on a peer's all-reduce: under the watchdog.
+            with self.waiting(f"running step {step + 1}"):
+                if self.in_flight is not None:
+                    mx.eval(self.in_flight)
+                self.in_flight = None
+                mx.async_eval(*state)
+        else:
+            mx.async_eval(*state)
         # One step in flight at most: wait for the previous one (done by now, while this one
         # was being built), so the host never queues more than a step ahead.
         if self.in_flight is not None:
-            with self.waiting(f"running step {step}"):
-                mx.eval(self.in_flight)
+            mx.eval(self.in_flight)
         if self.watchdog is not None:
-            self.watchdog.step = step
+            self.watchdog.step = step + 1
         self.in_flight = loss
         return loss, grad_norm
 
@@ -270,12 +278,21 @@ class MLXSession:
         return {k: float(v) for k, v in dict(eval_loss=loss, data_mean=mx.mean(x1), data_std=mx.std(x1),
                                              v_pred_std=mx.std(pred), v_target_std=mx.std(target)).items()}
 
+    def settle(self) -> None:
+        """Wait (guarded) for the weights of the last step before reading them to the host."""
+        if self.group is not None:
+            with self.waiting("finishing the last step"):
+                mx.eval(self.model.state, self.optimizer.state, self.ema.state,
+                        self.ema2.state if self.ema2 is not None else [])
+
     def checkpoint_tensors(self, step: int) -> dict:
+        self.settle()
         return {"weights": weights_numpy(self.model), "ema": weights_numpy(self.ema),
                 "ema2": weights_numpy(self.ema2) if self.ema2 is not None else None,
                 "optimizer": {k: np.array(v) for k, v in tree_flatten(self.optimizer.state)}}
 
     def ema_weights(self) -> dict[str, np.ndarray]:
+        self.settle()
         return weights_numpy(self.ema)
 
     def barrier(self) -> None:
@@ -346,9 +363,11 @@ def _train_distributed(group, run_dir, family, dataset, model_config, train_conf
                 error = e
         with dog.waiting("starting (the other ranks load the data)"):
             agree(error, group)
-        session = MLXSession(plan, group, dog)
         try:
+            session = MLXSession(plan, group, dog)
             result = run_training(plan, session, framework="mlx", **callbacks)
+        except RuntimeError as e:  # a collective outside the guarded waits (an async step)
+            raise dog.lost(e) from None
         except MlxflowError as e:
             # The loop's own stops (finite guard) happen on every rank at the same step, with the
             # same numbers: rank 0 reports; a lost peer is this rank's own news.
