@@ -221,6 +221,8 @@ def cmd_bench(args) -> int:
                            steps=args.steps, max_batch=args.max_batch, trainer=args.trainer, data=args.data,
                            device_data=args.device_data, torch_device=args.torch_device, bf16=args.bf16,
                            on_status=status.update)
+    if not api.is_rank_zero():  # under mlx.launch rank 0 prints
+        return 0
     table = Table(title=result["title"])
     for col in ("framework", "device", "batch", "img/s", "trainer img/s", "peak MB", "params", "GFLOP/img fwd",
                 "MFU", "trainer MFU", "BLAS"):
