@@ -109,11 +109,28 @@ def worker(spec: str) -> None:
     from mlxflow.train.mlx_session import train
 
     for job in json.loads(Path(spec).read_text()):
+        if job.get("nan_rank") == int(os.environ.get("MLX_RANK", "0")):
+            poison(job["nan_from"])
         out = train(job["run"], job["data"], micro_emoji_config(), quick_train_config(**job["cfg"]), family="emoji",
                     embeddings=np.load(job["emb"]), resume=job.get("resume"))
         Path(job["run"], f"rank{out['rank']}.json").write_text(json.dumps(
             {"losses": out["losses"], "digest": out["digest"], "world_size": out["world_size"],
              "interrupted": out["interrupted"], "steps": out["steps"]}))
+
+
+def poison(first: int) -> None:
+    """This rank's images turn to NaN from its `first`-th micro-batch on (0-based)."""
+    import itertools
+
+    from mlxflow.train.mlx_session import MLXSession
+
+    calls, original = itertools.count(), MLXSession.batch_arrays
+
+    def batch_arrays(self, batch):
+        image, cond = original(self, batch)
+        return (image * float("nan") if next(calls) >= first else image), cond
+
+    MLXSession.batch_arrays = batch_arrays
 
 
 # ----------------------------------------------------------------------------- tolerance
@@ -307,6 +324,26 @@ def test_ctrl_c_on_one_rank_stops_both_at_one_step_with_one_checkpoint(tmp_path,
     assert r0["interrupted"] and r1["interrupted"] and r0["steps"] == r1["steps"] and r0["digest"] == r1["digest"]
     assert [p.name for p in list_checkpoints(run)] == [f"step-{r0['steps']:07d}"]
     assert load_checkpoint(run).step == r0["steps"] and r0["steps"] % 5 == 0
+
+
+def test_nan_on_one_rank_stops_both_at_the_same_step_with_one_line(tmp_path, data):
+    from mlxflow.checkpoint import list_checkpoints
+
+    run = tmp_path / "run"
+    cfg = dict(steps=40, batch_size=8, ckpt_every=5, log_every=5)
+    # Rank 1's rows of step 7 on are NaN; rank 0's are fine. The loss and gradients are
+    # all-reduced, so both ranks read the same NaN at the same step.
+    procs = start_ranks(tmp_path, [dict(run=str(run), data=str(tmp_path / "data"), emb=str(tmp_path / "emb.npy"),
+                                        cfg=cfg, nan_rank=1, nan_from=6)])
+    try:
+        outs = [p.communicate(timeout=90) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [1, 1], [o[1][-2000:] for o in outs]
+    lines = errors(outs[0][1]) + errors(outs[1][1])
+    assert len(lines) == 1 and "became nan at step 7" in lines[0] and "step-0000005" in lines[0], lines
+    assert [p.name for p in list_checkpoints(run)] == ["step-0000005"]
 
 
 def cli(tmp_path, *args, steps=2, batch=4) -> list[str]:
