@@ -90,7 +90,13 @@ class Watchdog:
         self.what = ""
         self.step = 0
         self.lock = threading.Lock()
+        self.stopped = threading.Event()
         threading.Thread(target=self._watch, daemon=True, name="mlxflow-dist-watchdog").start()
+
+    def close(self) -> None:
+        """Stop watching (the run is over): the thread ends and the backstop is cancelled."""
+        self.stopped.set()
+        faulthandler.cancel_dump_traceback_later()
 
     @contextlib.contextmanager
     def waiting(self, what: str):
@@ -106,26 +112,28 @@ class Watchdog:
 
     def lost(self, e: RuntimeError, what: str = "training") -> Exception:
         """A communication error as one line (the ring, or MPI, saw a peer go away); others as they are."""
-        if not any(word in str(e).lower() for word in ("peer", "connection", "ring", "socket", "mpi")):
+        if not any(word in str(e).lower() for word in ("[ring]", "[jaccl]", "[mpi]", "peer", "connection", "socket")):
             return e
         return MlxflowError(f"rank {self.rank}: lost the other ranks while {what} after step {self.step} ({e}); "
                             "the newest checkpoint on disk is intact (--resume latest)")
 
     def _watch(self):
-        while True:
+        while not self.stopped.is_set():
             # Backstop for a wait inside a call that holds the GIL (this thread could not run):
             # faulthandler's own C thread ends the process, with a traceback, 60 s after this
             # thread last ran.
             faulthandler.dump_traceback_later(self.timeout + 60, exit=True)
-            time.sleep(min(1.0, max(self.timeout / 10, 0.05)))
+            if self.stopped.wait(min(1.0, max(self.timeout / 10, 0.05))):
+                break
             with self.lock:
                 late = self.deadline is not None and time.monotonic() > self.deadline
                 what = self.what
-            if late:
+            if late and not self.stopped.is_set():
                 self.say(f"error: rank {self.rank}: no answer from the other ranks for {self.timeout:g} s while {what} "
                          f"after step {self.step} (MLXFLOW_DIST_TIMEOUT); stopping; the newest checkpoint on disk "
                          "is intact (--resume latest)")
                 os._exit(1)
+        faulthandler.cancel_dump_traceback_later()
 
 
 def all_sum(x, group):

@@ -340,6 +340,7 @@ def _train_distributed(group, run_dir, family, dataset, model_config, train_conf
     rank, world = group.rank(), group.size()
     dog = Watchdog(rank)
     with contextlib.ExitStack() as stack:
+        stack.callback(dog.close)
         plan, error = None, None
         if rank == 0:
             try:
