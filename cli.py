@@ -1,7 +1,8 @@
 """`mlxflow` command line: parses arguments, draws progress and tables, calls mlxflow.api. No model logic here.
 
 `python -m mlxflow ...` runs the same commands, and `torchrun ... -m mlxflow train ... --framework
-torch` runs `train` on every rank (rank 0 prints and writes).
+torch` runs `train` on every rank (rank 0 prints and writes); so does
+`mlx.launch -n 2 --backend ring -- python -m mlxflow train ...` with MLX (docs/DISTRIBUTED.md).
 """
 
 from __future__ import annotations

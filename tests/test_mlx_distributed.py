@@ -179,7 +179,10 @@ def assert_same_run(a, b):
         net = fam.build(ca.model_config, "mlx")
         load_weights_into(net, w, "test")
         outs.append(np.array(net(x, t, text)))
-    assert float(np.abs(outs[0] - outs[1]).max()) < 1e-5
+    out_diff = float(np.abs(outs[0] - outs[1]).max())
+    print(f"{Path(a).name} vs {Path(b).name}: |dw| median {np.median(diff):.1e}, p99 {np.quantile(diff, 0.99):.1e}, "
+          f"max {diff.max():.1e}; max |d output| {out_diff:.1e}")
+    assert out_diff < 1e-5, out_diff
     return float(diff.max())
 
 

@@ -14,6 +14,11 @@ Randomness: every step draws from a key derived from (seed, step), passed into t
 compiled step as an argument. That makes `--resume` exact without saving RNG state.
 The learning rate comes from the one schedule (schedule.lr_at), set on the optimizer
 before each step, so MLX and torch follow the same numbers.
+
+Data-parallel under mlx.launch (train.mlx_dist, docs/DISTRIBUTED.md): every rank runs
+`train`; rank 0 locks the folder, resolves the run and writes; every rank takes rank 0's
+state, steps on its rows of each global batch (noise drawn for the global batch, then
+sliced), and the compiled step averages the gradients across ranks.
 """
 
 from __future__ import annotations
@@ -265,6 +270,7 @@ class MLXSession:
     def evaluate(self, batch: dict) -> dict:
         """Held-out metrics on a fixed batch with fixed noise and an even spread of t (so the
         curve moves only when the model does): eval loss, data and velocity statistics."""
+        self.settle()
         cfg = self.cfg
         x1 = mx.array(batch["image"])
         b = x1.shape[0]
