@@ -140,6 +140,12 @@ def all_sum(x, group):
     return mx.distributed.all_sum(x, group=group)
 
 
+def _evaluated(x: mx.array) -> mx.array:
+    """mx.eval first (it lets the watchdog's thread run while it waits), then read."""
+    mx.eval(x)
+    return x
+
+
 def broadcast_arrays(arrays: list[mx.array], group) -> list[mx.array]:
     """Rank 0's arrays on every rank (an all-sum with zeros elsewhere: x + 0 == x, and every
     rank, rank 0 included, keeps the sum, so all hold the same bits)."""
@@ -152,9 +158,9 @@ def broadcast_arrays(arrays: list[mx.array], group) -> list[mx.array]:
 def broadcast_object(obj, group):
     """A picklable object from rank 0 to every rank (small: configs and positions)."""
     data = np.frombuffer(pickle.dumps(obj), np.uint8).astype(np.int32) if group.rank() == 0 else np.zeros(0, np.int32)
-    n = int(all_sum(mx.array([data.size], mx.int32), group).item())
+    n = int(_evaluated(all_sum(mx.array([data.size], mx.int32), group)).item())
     buf = mx.array(data) if group.rank() == 0 else mx.zeros((n,), mx.int32)
-    got = np.array(all_sum(buf, group)).astype(np.uint8).tobytes()
+    got = np.array(_evaluated(all_sum(buf, group))).astype(np.uint8).tobytes()
     return pickle.loads(got) if group.rank() != 0 else obj
 
 
@@ -165,7 +171,7 @@ def agree(error: MlxflowError | None, group) -> None:
     rank, world = group.rank(), group.size()
     flags = np.zeros(world, np.int32)
     flags[rank] = error is not None
-    failed = np.array(all_sum(mx.array(flags), group)).astype(bool)
+    failed = np.array(_evaluated(all_sum(mx.array(flags), group))).astype(bool)
     if not failed.any():
         return
     if error is not None and (rank == 0 or not failed[0]):
