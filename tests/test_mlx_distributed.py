@@ -154,8 +154,6 @@ def assert_same_run(a, b):
     (checked on a fixed input) to 1e-5 (tests/test_ddp.py, the torch twin, makes the same
     argument).
     """
-    from mlx.utils import tree_flatten
-
     import mlx.core as mx
     from mlxflow.families import load_checkpoint
     from mlxflow.checkpoint import load_weights_into
