@@ -1,7 +1,8 @@
 """`mlxflow` command line: parses arguments, draws progress and tables, calls mlxflow.api. No model logic here.
 
 `python -m mlxflow ...` runs the same commands, and `torchrun ... -m mlxflow train ... --framework
-torch` runs `train` on every rank (rank 0 prints and writes).
+torch` runs `train` on every rank (rank 0 prints and writes); so does
+`mlx.launch -n 2 --backend ring -- python -m mlxflow train ...` with MLX (docs/DISTRIBUTED.md).
 """
 
 from __future__ import annotations
@@ -228,6 +229,8 @@ def cmd_bench(args) -> int:
                            steps=args.steps, max_batch=args.max_batch, trainer=args.trainer, data=args.data,
                            device_data=args.device_data, torch_device=args.torch_device, bf16=args.bf16,
                            on_status=status.update)
+    if not api.is_rank_zero():  # under mlx.launch rank 0 prints
+        return 0
     table = Table(title=result["title"])
     for col in ("framework", "device", "batch", "img/s", "trainer img/s", "peak MB", "params", "GFLOP/img fwd",
                 "MFU", "trainer MFU", "BLAS"):
@@ -564,8 +567,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except MlxflowError as e:
-        # Plain print: one line, never wrapped or styled, whatever the terminal width.
-        print(f"error: {e}", file=sys.stderr)
+        # Plain print: one line, never wrapped or styled, whatever the terminal width. An error
+        # every rank of a data-parallel run raised alike is printed by rank 0 alone.
+        if api.is_rank_zero() or not getattr(e, "every_rank", False):
+            print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; checkpoints already written are intact (--resume latest continues a run)",

@@ -176,8 +176,8 @@ def train_model(family: str, data_dir, out_dir, *, preset: str | None = None, st
 
 
 def is_rank_zero() -> bool:
-    """False in the ranks > 0 of a torchrun job (they train silently)."""
-    return int(os.environ.get("RANK", "0")) == 0
+    """False in the ranks > 0 of a torchrun or mlx.launch job (they train silently)."""
+    return int(os.environ.get("RANK", os.environ.get("MLX_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))) == 0
 
 
 # --- generate ----------------------------------------------------------------------------

@@ -6,6 +6,8 @@ Two measurements per framework, on random data unless a dataset is given:
 - the whole trainer (data pipeline, condition lookup, step, EMA, read-backs, logging) through
   the real training loop, timed over whole read-back windows.
 `bench_rows` adds what a table wants (trainer MFU, MLX/torch ratio, notes); the CLI prints it.
+Under mlx.launch (`mlx.launch -n 2 --backend ring -- python -m mlxflow bench emoji --framework mlx`)
+it times the data-parallel step instead (bench_mlx_distributed) and rank 0 prints.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Callable
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
 
 from .blas import HOW_TO, blas_status
 from .conditioning import kind_of, network_input, random_table
@@ -29,6 +31,7 @@ from .errors import MlxflowError
 from .families import get_family
 from .train.mlx_session import make_optimizer, make_train_step, step_key
 from .train.mlx_session import train as train_mlx
+from .train.mlx_dist import init_group
 
 
 def _torch_session():
@@ -216,6 +219,74 @@ def bench_mlx(family: str, preset: str | None, batch_size: int = 32, steps: int 
             "blas": blas_status(), "batch_size": batch_size, "preset": preset or fam.default_preset}
 
 
+def bench_mlx_distributed(family: str, preset: str | None, group, batch_size: int = 32, steps: int = 10,
+                          warmup: int = 3) -> dict:
+    """Data-parallel MLX under mlx.launch: the global batch split over the group's ranks.
+
+    Times, on every rank, the distributed step (its rows + the gradient all-reduce), and the
+    all-reduce alone (mlx.nn.average_gradients on the model's gradient-sized tree, as the step
+    does it); rank 0 then times one process stepping the whole global batch while the other
+    ranks wait. Scaling efficiency = (1-rank step time / N-rank step time) / N.
+    Every rank returns the row; the CLI prints rank 0's."""
+    import mlx.nn as nn
+
+    world, rank = group.size(), group.rank()
+    if batch_size % world:
+        raise MlxflowError(f"batch_size {batch_size} must be divisible by the number of processes ({world})")
+    fam = get_family(family)
+    mcfg = fam.model_config(preset)
+    local = batch_size // world
+    kind = kind_of(fam, mcfg)
+
+    def build(grp, rows):
+        tcfg = TrainConfig(batch_size=batch_size, steps=warmup + steps)
+        mx.random.seed(0)
+        model, ema = fam.build(mcfg, "mlx"), fam.build(mcfg, "mlx")
+        opt = make_optimizer(tcfg)
+        opt.init(model.trainable_parameters())
+        step = make_train_step(model, ema, opt, tcfg, fam, group=grp)
+        images = mx.random.uniform(-1, 1, (1, rows, *fam.network_shape(mcfg)))
+        text = mx.array(random_table(kind, rows, mcfg, np.random.default_rng(0))[None])
+        mx.eval(images, text, model.parameters(), ema.parameters(), opt.state)
+        return model, lambda i: mx.eval(step(images, text, step_key(0, i)), model.state, opt.state, ema.state)
+
+    def timed(run) -> float:
+        for i in range(warmup):
+            run(i)
+        tic = time.perf_counter()
+        for i in range(steps):
+            run(warmup + i)
+        return (time.perf_counter() - tic) / steps
+
+    def barrier():
+        mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))
+
+    model, run = build(group, local)
+    barrier()
+    t_step = timed(run)
+    grads = tree_map(mx.zeros_like, model.trainable_parameters())
+    mx.eval(grads)
+    barrier()
+    t_reduce = timed(lambda i: mx.eval(nn.average_gradients(grads, group=group)))
+    per_rank = np.array(mx.distributed.all_sum(
+        mx.array(np.eye(world, dtype=np.float32)[rank] * np.float32(t_step)), group=group))
+    reduce_rank = np.array(mx.distributed.all_sum(
+        mx.array(np.eye(world, dtype=np.float32)[rank] * np.float32(t_reduce)), group=group))
+    barrier()
+    t_one = float("nan")
+    if rank == 0:
+        _, run_one = build(None, batch_size)
+        t_one = timed(run_one)
+    barrier()
+    t_n = float(per_rank.max())  # the step ends when the slowest rank's all-reduce does
+    return {"framework": f"mlx x{world} ranks", "device": str(mx.default_device()), "batch_size": batch_size,
+            "img_per_s": batch_size / t_n, "step_ms_per_rank": [round(1000 * t, 2) for t in per_rank],
+            "allreduce_ms_per_rank": [round(1000 * t, 2) for t in reduce_rank],
+            "one_rank_img_per_s": batch_size / t_one, "scaling_efficiency": t_one / t_n / world,
+            "params": sum(v.size for _, v in tree_flatten(model.parameters())), "blas": blas_status(),
+            "world_size": world, "rank": rank, "preset": preset or fam.default_preset}
+
+
 def bench_rows(family: str, preset: str | None = None, *, batch_size: int | str = 32, frameworks=("mlx", "torch"),
                steps: int = 10, max_batch: int = 1024, trainer: bool = True, data=None, device_data=None,
                torch_device: str | None = None, bf16: bool = False,
@@ -243,6 +314,23 @@ def bench_rows(family: str, preset: str | None = None, *, batch_size: int | str 
     if steps < 1:
         raise MlxflowError(f"--steps must be >= 1, got {steps}")
     say = on_status or (lambda msg: None)
+    group = init_group() if "mlx" in frameworks else None
+    if group is not None:  # under mlx.launch: the data-parallel numbers, MLX only
+        if auto:
+            raise MlxflowError("--batch-size auto is for one process; give the global batch under mlx.launch")
+        say(f"timing mlx on {group.size()} ranks...")
+        row = bench_mlx_distributed(family, preset, group, batch_size, steps)
+        if trainer:  # the whole data-parallel trainer (every rank runs it; rank 0 reports global img/s)
+            say("timing the data-parallel trainer...")
+            row.update(bench_trainer(family, preset, batch_size, steps, data=data, device_data=device_data))
+        n = row["world_size"]
+        ms = lambda values: " / ".join(f"{v:.1f}" for v in values)  # noqa: E731
+        notes.append(f"{n} ranks, global batch {batch_size} ({batch_size // n} per rank): step ms per rank "
+                     f"{ms(row['step_ms_per_rank'])}, gradient all-reduce alone ms per rank "
+                     f"{ms(row['allreduce_ms_per_rank'])}; 1 rank on the whole batch "
+                     f"{row['one_rank_img_per_s']:.1f} img/s; scaling efficiency {100 * row['scaling_efficiency']:.0f}%")
+        return {"rows": [row], "notes": notes, "title": f"{family}/{preset or 'default'} data-parallel train step, "
+                                                        f"global batch {batch_size}", "rank": row["rank"]}
     rows = []
     for fw in frameworks:
         kw = dict(framework=fw, device=torch_device if fw == "torch" else None, bf16=bf16)

@@ -133,12 +133,15 @@ def checkpoint_to_resume(run_dir, resume: str, family: str, train_config: TrainC
 
 def prepare_run(run_dir, family: str, dataset, model_config, train_config: TrainConfig, *,
                 text_encoder: str | None = None, resume: str | None = None,
-                embeddings: np.ndarray | None = None) -> RunPlan:
+                embeddings: np.ndarray | None = None, follow: bool = False) -> RunPlan:
     """Apply the resume rules and check that data, embeddings and model fit together.
 
     resume: None (a fresh run: refused if the run folder already holds checkpoints),
     "latest" (the newest intact checkpoint; a run folder without one starts fresh and
     says so), or a checkpoint folder.
+    follow: another process (rank 0 of a data-parallel run) owns the run folder and has
+    already resolved model_config and train_config; only load and check the data (the
+    caller sets the start step and data position it was sent).
     """
 
     run_dir = Path(run_dir)
@@ -146,7 +149,7 @@ def prepare_run(run_dir, family: str, dataset, model_config, train_config: Train
     text_encoder = text_encoder or fam.text_encoder
     notes: list[str] = []
     ckpt = None
-    existing, broken = list_checkpoints(run_dir, with_broken=True)
+    existing, broken = list_checkpoints(run_dir, with_broken=True) if not follow else ([], [])
     notes += [f"skipping damaged checkpoint {path.name}: {reason}" for path, reason in broken]
     if broken and not existing:
         # Starting over could write a step over a damaged folder someone may still want to rescue.
@@ -164,16 +167,20 @@ def prepare_run(run_dir, family: str, dataset, model_config, train_config: Train
 
     dataset = load_training_data(fam, dataset)
     if fam.get_codec().needs_cache:
-        model_config, text_encoder = fit_latent_cache(model_config, dataset, ckpt, notes)
+        if follow:
+            model_config.validate()
+            text_encoder = dataset.meta["text_encoder"]
+        else:
+            model_config, text_encoder = fit_latent_cache(model_config, dataset, ckpt, notes)
         return _plan(run_dir, fam, model_config, train_config, text_encoder, dataset, None, ckpt, notes, existing,
                      condition_encoder=text_encoder)
-    if ckpt is None:
+    if ckpt is None and not follow:
         model_config = fit_conditioning(fam, model_config, dataset, notes)
     kind = kind_of(fam, model_config)
     if embeddings is None:
         embeddings = condition_table(kind, dataset, text_encoder)
     embeddings = np.asarray(embeddings, np.float32 if kind == "text" else np.int32)
-    if ckpt is None:
+    if ckpt is None and not follow:
         # A fresh model takes its condition's shape from the data actually used.
         if kind == "text" and embeddings.ndim == 3:
             model_config = replace(model_config, text_tokens=embeddings.shape[1], text_dim=embeddings.shape[2])
