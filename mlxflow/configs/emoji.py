@@ -59,6 +59,10 @@ EMOJI_PRESETS: dict[str, dict] = {
     # ~0.85M parameters at 32x32 (text_dim 384); cross-attention at 16x16 and 8x8.
     "tiny": dict(image_size=32, channels=(16, 32, 64), blocks_per_level=1, self_attn_levels=(2,),
                  cross_attn_levels=(1, 2), heads=4, groups=8, cond_dim=64, text_mask=True),
+    # All 1,898 emoji on a laptop: `tiny` with a 256-wide conditioning vector (1.15M). On the
+    # full set at 50k images it scored 0.051 fidelity@1 against tiny's 0.036 (README, recipe).
+    "laptop": dict(image_size=32, channels=(16, 32, 64), blocks_per_level=1, self_attn_levels=(2,),
+                   cross_attn_levels=(1, 2), heads=4, groups=8, cond_dim=256, text_mask=True),
     # ~4.82M parameters at 64x64 (text_dim 384): cross-attention to the text tokens at 16x16
     # and the 8x8 bottleneck. The 16x16 level's four cross-attentions cost ~0.37M (their k/v
     # read 384-wide tokens), paid for by narrowing the bottleneck from 112 to 104 channels
@@ -77,6 +81,10 @@ EMOJI_TRAIN_PRESETS: dict[str, dict] = {
     # against 0.730 / 0.629 at 5e-3 and 0.875 at 1e-3.
     "tiny": dict(steps=400, batch_size=16, lr=2e-3, warmup_steps=50, ema_decay=0.99, ckpt_every=200,
                  sample_steps=20),
+    # 200k images (105 epochs of the 1,898-emoji set) at batch 32 (on a CPU, batch 32 steps
+    # at ~1.8x the images per second of batch 16); a grid and a fidelity estimate every 4k images.
+    "laptop": dict(steps=6250, batch_size=32, lr=3e-3, warmup_steps=50, ema_decay=0.99, ckpt_every=781,
+                   keep_every=1562, sample_every=125, sample_steps=20),
     "default": dict(steps=20000, batch_size=32, lr=3e-4, warmup_steps=500, ema_decay=0.999),
     "seed": dict(steps=60000, batch_size=32, lr=1e-4, warmup_steps=500, ema_decay=0.999),
 }
