@@ -27,7 +27,8 @@ out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 def _bar(*extra) -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), *extra,
                     TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
-                    disable=not api.is_rank_zero())
+                    # Not a terminal (logs, CI, pipes): no live bar, which would leave a blank line.
+                    disable=not api.is_rank_zero() or not console.is_terminal)
 
 
 def _progress_callback(progress: Progress, description: str):
@@ -146,7 +147,6 @@ def cmd_train(args) -> int:
     loss = result["loss"]
     out.print(f"done: step {result.steps}" + (f", loss {loss:.4f}" if loss is not None else "")
               + f", checkpoint {result.checkpoint}")
-    out.print(f"checkpoint: {result.checkpoint}")
     return 0
 
 
@@ -352,9 +352,17 @@ def preset_names() -> str:
     return "; ".join(f"{f}: {', '.join(api.presets(f))}" for f in api.family_names())
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a value it cannot parse ends in one `error:` line (exit 2), like every other mistake."""
+
+    def error(self, message):
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     family_names, SOLVERS = api.family_names, api.SOLVERS
-    p = argparse.ArgumentParser(prog="mlxflow", description="Flow-matching image generators in MLX.")
+    p = Parser(prog="mlxflow", description="Flow-matching image generators in MLX.")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("data", help="build a dataset folder (emoji, folder, classes) or a latent cache (latents)")
@@ -402,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
                         text_encoder=None, no_embed=False, overwrite=False, no_skin_tones=False)
 
     t = sub.add_parser("train", help="train a model")
-    t.add_argument("family", choices=family_names())
+    t.add_argument("family", choices=family_names(), help="model family")
     t.add_argument("--data", required=True, help="dataset folder (mlxflow data ...) or latent cache (dit)")
     t.add_argument("--out", required=True, help="run folder (checkpoints, samples)")
     t.add_argument("--preset", help="named preset (default: the family's): " + preset_names())
@@ -450,14 +458,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--verbose", action="store_true", help="print sampling time per image and network evaluations")
     s.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = off; default: the family's)")
     s.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LO", "HI"), help="apply CFG only for t in [LO, HI]")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="noise seed, a whole number >= 0 (default 0)")
     s.add_argument("--framework", choices=["mlx", "torch"], default="mlx",
                    help="sample with MLX, or with the torch twin (faster on a Linux CPU; CUDA)")
     s.add_argument("--device", help="(torch) cpu | cuda | mps (default: best available)")
     s.add_argument("--weights", choices=["ema", "ema2", "raw"], default="ema",
                    help="which weights to sample with: the EMA, the second EMA (JiT), or the raw weights")
     s.add_argument("--preview-dir", help="write a grid every --preview-every steps here")
-    s.add_argument("--preview-every", type=int, default=0)
+    s.add_argument("--preview-every", type=int, default=0, help="steps between preview grids in --preview-dir")
     s.set_defaults(func=cmd_sample)
 
     fd = sub.add_parser("fid", help="FID (standard Inception) of a checkpoint against its training data")
@@ -468,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     fd.add_argument("--solver", choices=sorted(SOLVERS), help="(default: the family's)")
     fd.add_argument("--shift", type=float, help="time-grid shift (default: the family's for its solver)")
     fd.add_argument("--cfg", type=float, help="guidance scale (default: the family's)")
-    fd.add_argument("--seed", type=int, default=0)
+    fd.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     fd.add_argument("--fid-weights", help="inception-2015-12-05.pt (default: $MLXFLOW_FID_WEIGHTS, caches)")
     fd.set_defaults(func=cmd_fid)
 
@@ -490,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=cmd_plot)
 
     b = sub.add_parser("bench", help="train-step throughput and peak memory")
-    b.add_argument("family", choices=family_names())
+    b.add_argument("family", choices=family_names(), help="model family")
     b.add_argument("--preset", help="named preset (default: the family's): " + preset_names())
     b.add_argument("--batch-size", default="32",
                    help="batch size, or 'auto': double from 8 until memory (or --max-batch) runs out")
@@ -535,12 +543,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_crosscheck)
 
     e = sub.add_parser("export", help="export a checkpoint")
-    e.add_argument("target", choices=["coreml"])
+    e.add_argument("target", choices=["coreml"], help="export format (coreml: an app bundle for Apple devices)")
     e.add_argument("ckpt", help="checkpoint folder, or run folder (its latest checkpoint)")
     e.add_argument("out", help="output folder")
-    e.add_argument("--precision", choices=["fp16", "fp32"], default="fp16")
-    e.add_argument("--compress", choices=["palettize6", "palettize8", "int8"])
-    e.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2])
+    e.add_argument("--precision", choices=["fp16", "fp32"], default="fp16", help="compute precision of the package")
+    e.add_argument("--compress", choices=["palettize6", "palettize8", "int8"], help="weight compression (default: none)")
+    e.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2],
+                   help="batch sizes the package takes (2 runs CFG as one call; default 1 2)")
     e.add_argument("--min-psnr", type=float, default=35.0, help="refuse an export below this PSNR (dB) vs torch")
     e.add_argument("--target", dest="deployment_target", default="iOS17", choices=["iOS17", "iOS18", "macOS14", "macOS15"],
                    help="deployment target; iOS18/macOS15 give true enumerated batch shapes")
@@ -550,7 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("serve", help="web demo: a Gradio page that streams samples as they integrate")
     w.add_argument("ckpt", help="checkpoint folder, or run folder (its latest checkpoint)")
-    w.add_argument("--port", type=int, default=7860)
+    w.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
     w.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve your network")
     w.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     w.set_defaults(func=cmd_serve)

@@ -159,7 +159,7 @@ def test_runs_log_a_fidelity_estimate_with_every_grid(tmp_path, monkeypatch):
                     sample_prompts=4)
     evals = [r for r in read_log(tmp_path / "r") if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [2, 4]
-    assert all(0.0 <= r["sample_fidelity"] <= 1.0 and r["sample_prompts"] == 4 for r in evals)
+    assert all(0.0 <= r["sample_fidelity"] <= 1.0 for r in evals)
     assert sorted(p.name for p in (tmp_path / "r" / "samples").iterdir()) == ["step-0000002.png", "step-0000004.png"]
     assert ("eval", "sample_fidelity") in [curve for _, curves in _panels(read_log(tmp_path / "r")) for curve in curves]
     assert plot_run(tmp_path / "r").is_file()

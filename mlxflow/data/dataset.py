@@ -60,7 +60,7 @@ def write_dataset_folder(
     if out_dir.exists() and not out_dir.is_dir():
         raise MlxflowError(f"{out_dir} exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise MlxflowError(f"{out_dir} exists and is not empty (pass overwrite to replace it)")
+        raise MlxflowError(f"{out_dir} exists and is not empty (pass --overwrite to replace it)")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")

@@ -197,7 +197,7 @@ def build_emoji_dataset(
     background = _check_background(background)
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise MlxflowError(f"{out_dir} exists and is not empty (pass overwrite to replace it)")
+        raise MlxflowError(f"{out_dir} exists and is not empty (pass --overwrite to replace it)")
     font_path = find_emoji_font(font)
     renderer = _Renderer(open_emoji_font(font_path))
 

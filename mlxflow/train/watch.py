@@ -31,7 +31,7 @@ def grid_conditions(plan, picks: np.ndarray) -> np.ndarray:
 
 class RunWatcher:
     """Callbacks for one run. `samples` writes OUT/samples/step-*.png (a row of `grid_prompts`
-    training prompts spread over the set) and returns {"sample_fidelity", "sample_prompts"}:
+    training prompts spread over the set) and returns {"sample_fidelity"}:
     the share of grid_prompts (4 x grid_prompts on a set of 1,000 or more) spread training
     prompts, one sample each, whose nearest
     training image is their own (text-conditioned pixel data; the run log keeps it and
@@ -66,8 +66,7 @@ class RunWatcher:
             return None
         if self.references is None:
             self.references = resize_images(plan.dataset.images, plan.model_config.image_size)
-        return {"sample_fidelity": prompt_fidelity(images, self.picks, self.references),
-                "sample_prompts": len(self.picks)}
+        return {"sample_fidelity": prompt_fidelity(images, self.picks, self.references)}
 
     def fid(self, step: int, ema_weights: dict, plan) -> dict | None:
         if not fid_available():
