@@ -206,12 +206,13 @@ class Generator:
         data = self.checkpoint.state.get("dataset")
         if self.kind != "text" or not data or not (Path(data) / "images.npy").is_file():
             return []
-        captions = training_captions(data, None)
-        unseen = [p for p in dict.fromkeys(prompts) if p not in set(captions)]
-        if not unseen or not captions:
-            return []
         try:
-            table = ImageTextDataset.load(data).text_embeddings(load_text_encoder(self.text_encoder))
+            dataset = ImageTextDataset.load(data)
+            captions = list(dataset.captions)
+            unseen = [p for p in dict.fromkeys(prompts) if p not in set(captions)]
+            if not unseen:
+                return []
+            table = dataset.text_embeddings(load_text_encoder(self.text_encoder))
         except MlxflowError:
             return []
         nearest = (pooled_text(self.conditions(unseen)) @ pooled_text(table).T).argmax(axis=1)

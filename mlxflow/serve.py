@@ -111,10 +111,9 @@ def parse_request(kind: str, prompts_text: str | None, classes: list[str] | None
 
 
 def run_request(loaded: Loaded, req: dict):
-    """(step, total, grid) frames for a parsed request (parse_request), on the page's checkpoint:
-    the family's CFG interval and, for its default solver, its time shift, as `mlxflow sample`."""
-    interval = tuple(loaded.defaults["cfg_interval"]) if loaded.defaults.get("cfg_interval") else None
-    return api.sample_frames(loaded.generator, interval=interval, **req)
+    """(step, total, grid) frames for a parsed request (parse_request), on the page's checkpoint;
+    what the request leaves out (CFG interval, time shift) is the family's, as in `mlxflow sample`."""
+    return api.sample_frames(loaded.generator, **req)
 
 
 def _metadata_markdown(info: dict, defaults: dict) -> str:

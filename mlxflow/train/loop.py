@@ -294,6 +294,15 @@ def condition_table(kind: str, dataset, text_encoder: str) -> np.ndarray:
     return np.zeros(len(dataset), np.int32)
 
 
+def rank_rows(batch_size: int, rank: int, world: int, error: type = MlxflowError) -> slice:
+    """This rank's contiguous rows of every global batch of a data-parallel run (both
+    frameworks); `error` (one line) when the global batch does not split evenly."""
+    if batch_size % world:
+        raise error(f"batch_size {batch_size} must be divisible by the number of processes ({world})")
+    local = batch_size // world
+    return slice(rank * local, (rank + 1) * local)
+
+
 def run_lock(run_dir, rank: int = 0):
     """The run folder's lock, held by rank 0 for a whole run (preparation included): a second
     trainer pointed at the same folder stops with one line instead of mixing checkpoints."""

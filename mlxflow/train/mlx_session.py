@@ -42,8 +42,8 @@ from ..errors import MlxflowError
 from ..families import family_of
 from ..flow import interpolate, sample_time, to_velocity, velocity_target
 from ..checkpoint import load_weights_into
-from .loop import (RunPlan, StepInfo, TrainResult, eval_times, keeps_data_on_device, prepare_run, run_lock,
-                   run_training)
+from .loop import (RunPlan, StepInfo, TrainResult, eval_times, keeps_data_on_device, prepare_run, rank_rows,
+                   run_lock, run_training)
 from .mlx_dist import RankError, Watchdog, agree, broadcast_arrays, broadcast_object, init_group
 
 __all__ = ["train", "flow_matching_loss", "make_optimizer", "make_train_step", "step_key", "StepInfo"]
@@ -152,11 +152,7 @@ class MLXSession:
         self.group, self.watchdog = group, watchdog
         if group is not None:
             self.rank, self.world = group.rank(), group.size()
-            if cfg.batch_size % self.world:
-                raise RankError(f"batch_size {cfg.batch_size} must be divisible by the number of processes "
-                                f"({self.world})")
-        local = cfg.batch_size // self.world
-        self.rows = slice(self.rank * local, (self.rank + 1) * local)
+        self.rows = rank_rows(cfg.batch_size, self.rank, self.world, RankError)
         self.kind = kind_of(fam, plan.model_config)
         mx.random.seed(cfg.seed)  # weight init
         self.model = fam.build(plan.model_config, "mlx")

@@ -43,12 +43,12 @@ from convert.torch_mlx import mlx_to_torch, torch_to_mlx
 from ..conditioning import drop, kind_of, network_input, random_table
 from ..config import TrainConfig
 from ..encoders import load_text_encoder_torch
-from ..errors import MlxflowError
 from ..families import get_family
 from ..flow import interpolate, sample_time, to_velocity, velocity_target
 from ..torch_ref import cpu_threads, default_device, use_cpu_threads
 from ..torch_ref.layers import set_fused_attention
-from .loop import RunPlan, TrainResult, eval_times, keeps_data_on_device, prepare_run, run_lock, run_training
+from .loop import (RunPlan, TrainResult, eval_times, keeps_data_on_device, prepare_run, rank_rows, run_lock,
+                   run_training)
 
 
 # ----------------------------------------------------------------------------- loss and draws
@@ -190,13 +190,10 @@ class TorchSession:
 
     def __init__(self, plan: RunPlan, rank: int, world: int, device: torch.device):
         cfg, fam, mcfg = plan.train_config, plan.family, plan.model_config
-        if cfg.batch_size % world:
-            raise MlxflowError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({world})")
         self.cfg, self.family, self.mcfg = cfg, fam, mcfg
         self.kind = kind_of(fam, mcfg)
         self.rank, self.world, self.device = rank, world, device
-        local = cfg.batch_size // world
-        self.rows = slice(rank * local, (rank + 1) * local)  # this rank's contiguous slice of the global batch
+        self.rows = rank_rows(cfg.batch_size, rank, world)
         h, w, c = fam.network_shape(mcfg)
         self.image_shape = (c, h, w)
 
