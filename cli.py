@@ -109,7 +109,7 @@ def cmd_train(args) -> int:
                  "bf16": args.bf16, "seed": args.seed, "ckpt_every": args.ckpt_every,
                  "sample_every": args.sample_every, "compile": args.compile,
                  "fused_adamw": args.fused_adamw, "fused_attention": args.fused_attention,
-                 "device_data": args.device_data}
+                 "device_data": args.device_data, "t_shift": args.t_shift}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     embeddings = api.load_embeddings(args.embeddings) if args.embeddings else None
     log_every = args.log_every
@@ -422,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, help="images per optimizer step, across all ranks (default: the preset's)")
     t.add_argument("--lr", type=float, help="peak learning rate (warmup, then cosine; default: the preset's)")
     t.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default: 1)")
+    t.add_argument("--t-shift", type=float,
+                   help="shift of the training times toward noise (> 0; 1 = none; default: the preset's, "
+                        "emoji laptop 6; README, The full emoji set)")
     t.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: the preset's)")
     t.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="(torch) torch.compile the model (default: on with CUDA)")

@@ -90,6 +90,10 @@ def test_unseen_prompt_names_the_nearest_training_caption(trained, tmp_path, cap
     (["--batch-size", "0"], "batch-size must be a whole number >= 1"),
     (["--grad-accum", "0"], "grad-accum must be a whole number >= 1"),
     (["--ckpt-every", "-5"], "ckpt-every must be a whole number >= 0"),
+    (["--t-shift", "0"], "t-shift must be a number > 0, got 0"),
+    (["--t-shift", "-2"], "t-shift must be a number > 0, got -2"),
+    (["--t-shift", "nan"], "t-shift must be a number > 0, got nan"),
+    (["--t-shift", "inf"], "t-shift must be a number > 0, got inf"),
     (["--device", "cuda"], "--device cuda is for the torch trainer"),
 ])
 def test_train_flag_boundaries_write_nothing(tmp_path, capsys, flags, message):
@@ -120,7 +124,8 @@ def test_resume_keeps_or_refuses_settings_in_one_line(tmp_path, capsys):
     for flags, message in [(["--batch-size", "4"], "--batch-size 4: a resumed run keeps its batch size 8"),
                            (["--preset", "default"], "--preset default: a resumed run keeps its preset 'tiny'"),
                            (["--grad-accum", "2"], "--grad-accum 2: a resumed run keeps its grad accum 1"),
-                           (["--text-encoder", "minilm"], "--text-encoder minilm: a resumed run keeps its encoder")]:
+                           (["--text-encoder", "minilm"], "--text-encoder minilm: a resumed run keeps its encoder"),
+                           (["--t-shift", "3"], "--t-shift 3.0: a resumed run keeps its t shift 1.0")]:
         argv = [a for a in base if a not in ("--preset", "tiny")] if "--preset" in flags else list(base)
         if "--batch-size" in flags:
             argv = argv[:argv.index("--batch-size")] + argv[argv.index("--batch-size") + 2:]
@@ -206,3 +211,13 @@ def test_export_refuses_a_non_empty_folder(trained, tmp_path, capsys):
 def test_schedule_values_are_checked(trained, capsys):
     for spec in ("euler", "euler:0", "euler:4:0", "dopri:4", "euler:x"):
         assert "--schedule" in one_error(capsys, "solvers", trained, "red square", "--schedule", spec)
+
+
+def test_t_shift_flag_is_honoured_and_kept(tmp_path, capsys):
+    """--t-shift reaches the trainer's config and the checkpoint (the laptop preset's default is 6)."""
+    ds, emb = make_shapes_dataset(tmp_path / "d", n=16)
+    np.save(tmp_path / "emb.npy", emb)
+    code, _, err = run(capsys, "train", "emoji", "--data", tmp_path / "d", "--out", tmp_path / "r", "--preset", "tiny",
+                       "--batch-size", "8", "--steps", "1", "--embeddings", tmp_path / "emb.npy", "--t-shift", "4")
+    assert code == 0, err
+    assert load_checkpoint(tmp_path / "r").train_config.t_shift == 4.0
