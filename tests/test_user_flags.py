@@ -214,7 +214,7 @@ def test_schedule_values_are_checked(trained, capsys):
 
 
 def test_t_shift_flag_is_honoured_and_kept(tmp_path, capsys):
-    """--t-shift reaches the trainer's config and the checkpoint (the laptop preset's default is 3)."""
+    """--t-shift reaches the trainer's config and is recorded in the checkpoint."""
     ds, emb = make_shapes_dataset(tmp_path / "d", n=16)
     np.save(tmp_path / "emb.npy", emb)
     code, _, err = run(capsys, "train", "emoji", "--data", tmp_path / "d", "--out", tmp_path / "r", "--preset", "tiny",

@@ -61,7 +61,7 @@ EMOJI_PRESETS: dict[str, dict] = {
                  cross_attn_levels=(1, 2), heads=4, groups=8, cond_dim=64, text_mask=True),
     # All 1,898 emoji on a laptop: `tiny` with a 256-wide conditioning vector (1.15M). On the
     # full set at 50k images it scored 0.051 fidelity@1 against tiny's 0.036 (both with uniform
-    # t); widening to (32, 64, 128) scored 0.025 at 50k for 2.5x the CPU time per image
+    # t); widening to (32, 64, 128) scored 0.025 at 50k for about 3x the CPU time per image
     # (475 spread prompts; README, "The full emoji set").
     "laptop": dict(image_size=32, channels=(16, 32, 64), blocks_per_level=1, self_attn_levels=(2,),
                    cross_attn_levels=(1, 2), heads=4, groups=8, cond_dim=256, text_mask=True),
