@@ -572,8 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", default="runs/demo", help="folder for the data, the run and the grid")
     m.add_argument("--steps", type=int, help="training steps (default: 800; with --full the laptop preset's 6,250)")
     m.add_argument("--full", action="store_true",
-                   help="train the laptop preset on all 1,898 emoji (200k images; about an hour on a 2-core CPU, "
-                        "minutes on a Mac's GPU) and score it over --k prompts")
+                   help="train the laptop preset on all 1,898 emoji (200k images; about 2 hours of MLX on one "
+                        "core of a Linux CPU, minutes on a Mac's GPU) and score it over --k prompts")
     m.add_argument("--k", type=int, default=256, help="(--full) training prompts to score, spread over the set")
     m.add_argument("--font", help="colour emoji font file (default: the system's)")
     m.set_defaults(func=cmd_demo)

@@ -305,8 +305,8 @@ def demo(out_dir="runs/demo", *, steps: int | None = None, font=None, full: bool
     user would type. Re-running resumes each stage.
 
     Default: `tiny` on those twelve emoji only (800 steps: minutes on a laptop CPU).
-    full=True: the `laptop` preset on all 1,898 emoji (its 6,250 steps = 200k images: about an
-    hour on a 2-core CPU), scored over `k` training prompts spread over the set, one sample each.
+    full=True: the `laptop` preset on all 1,898 emoji (its 6,250 steps = 200k images: about 2
+    hours of MLX on one core of a Linux CPU), scored over `k` training prompts spread over the set, one sample each.
     Returns {"grid", "checkpoint", "prompts", "fidelity" (evaluate.prompt_fidelity's dict)}:
     a sample counts when, of all the emoji the font draws, the nearest is the prompted one."""
     root = Path(out_dir)
