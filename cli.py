@@ -109,7 +109,8 @@ def cmd_train(args) -> int:
                  "bf16": args.bf16, "seed": args.seed, "ckpt_every": args.ckpt_every,
                  "sample_every": args.sample_every, "compile": args.compile,
                  "fused_adamw": args.fused_adamw, "fused_attention": args.fused_attention,
-                 "device_data": args.device_data, "t_shift": args.t_shift}
+                 "device_data": args.device_data, "t_shift": args.t_shift,
+                 "cond_dropout": args.cond_dropout}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     embeddings = api.load_embeddings(args.embeddings) if args.embeddings else None
     log_every = args.log_every
@@ -426,6 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shift of the training times: > 1 toward noise, < 1 toward clean images, 1 = none "
                         "(default: the preset's, emoji laptop 3; a resumed run keeps its own; README, "
                         "The full emoji set)")
+    t.add_argument("--cond-dropout", type=float,
+                   help="share of training images whose text condition is dropped, in [0, 1): what classifier-"
+                        "free guidance samples from (default: the preset's, 0.15 unless it sets one; "
+                        "0 trains no unconditional model, so sample with --cfg 1; a resumed run keeps its own)")
     t.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: the preset's)")
     t.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="(torch) torch.compile the model (default: on with CUDA)")

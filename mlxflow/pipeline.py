@@ -128,6 +128,11 @@ class Generator:
         self.kind = kind_of(self.family, self.model_config)  # "text" | "class" | "none"
         self.text_encoder = checkpoint.text_encoder
         self.defaults = SamplingSettings.family_default(self.family)
+        # A run that never dropped its condition has no unconditional model to guide against:
+        # its default is no guidance, and guidance asked for is refused (generate).
+        self.guidable = self.kind == "none" or checkpoint.train_config.cond_dropout > 0
+        if not self.guidable:
+            self.defaults = replace(self.defaults, cfg=1.0)
 
     @classmethod
     def from_checkpoint(cls, path, *, weights: str = "ema", framework: str = "mlx",
@@ -234,9 +239,13 @@ class Generator:
         None means the family's default (SamplingSettings.resolve). `embeddings` replaces
         the encoder for text prompts; `conditions` (N, ...) gives the per-sample rows
         directly (then prompts and n are ignored); `noise` (N, H, W, C) replaces the noise
-        drawn from `seed`. Errors: MlxflowError for values out of range.
+        drawn from `seed`. Errors: MlxflowError for values out of range, and for CFG != 1 on
+        a run trained with cond_dropout 0 (whose default CFG is 1).
         """
         settings = self.defaults.resolve(steps=steps, solver=solver, cfg=cfg, cfg_interval=cfg_interval, shift=shift)
+        if settings.cfg != 1 and not self.guidable:
+            raise MlxflowError(f"CFG {settings.cfg:g} needs an unconditional model, and this run trained with "
+                               "cond_dropout 0 (no condition ever dropped): sample it with --cfg 1")
         seed = check_seed(seed)
         if conditions is None:
             conditions = np.repeat(self.conditions(prompts, embeddings), check_count(n), axis=0)

@@ -94,6 +94,9 @@ def test_unseen_prompt_names_the_nearest_training_caption(trained, tmp_path, cap
     (["--t-shift", "-2"], "t-shift must be a number > 0, got -2"),
     (["--t-shift", "nan"], "t-shift must be a number > 0, got nan"),
     (["--t-shift", "inf"], "t-shift must be a number > 0, got inf"),
+    (["--cond-dropout", "-0.1"], "cond-dropout must be in [0, 1), got -0.1"),
+    (["--cond-dropout", "1"], "cond-dropout must be in [0, 1), got 1"),
+    (["--cond-dropout", "nan"], "cond-dropout must be in [0, 1), got nan"),
     (["--device", "cuda"], "--device cuda is for the torch trainer"),
 ])
 def test_train_flag_boundaries_write_nothing(tmp_path, capsys, flags, message):
@@ -125,7 +128,8 @@ def test_resume_keeps_or_refuses_settings_in_one_line(tmp_path, capsys):
                            (["--preset", "default"], "--preset default: a resumed run keeps its preset 'tiny'"),
                            (["--grad-accum", "2"], "--grad-accum 2: a resumed run keeps its grad accum 1"),
                            (["--text-encoder", "minilm"], "--text-encoder minilm: a resumed run keeps its encoder"),
-                           (["--t-shift", "3"], "--t-shift 3.0: a resumed run keeps its t shift 1.0")]:
+                           (["--t-shift", "3"], "--t-shift 3.0: a resumed run keeps its t shift 1.0"),
+                           (["--cond-dropout", "0.3"], "--cond-dropout 0.3: a resumed run keeps its cond dropout 0.15")]:
         argv = [a for a in base if a not in ("--preset", "tiny")] if "--preset" in flags else list(base)
         if "--batch-size" in flags:
             argv = argv[:argv.index("--batch-size")] + argv[argv.index("--batch-size") + 2:]
@@ -221,3 +225,25 @@ def test_t_shift_flag_is_honoured_and_kept(tmp_path, capsys):
                        "--batch-size", "8", "--steps", "1", "--embeddings", tmp_path / "emb.npy", "--t-shift", "4")
     assert code == 0, err
     assert load_checkpoint(tmp_path / "r").train_config.t_shift == 4.0
+
+
+def test_cond_dropout_flag_and_a_run_without_guidance(tmp_path, capsys):
+    """--cond-dropout reaches the trainer and the checkpoint; a run trained with 0 has no
+    unconditional model, so it samples without guidance by default and refuses --cfg 3 in one line."""
+    ds, emb = make_shapes_dataset(tmp_path / "d", n=16)
+    np.save(tmp_path / "emb.npy", emb)
+    base = ["train", "emoji", "--data", tmp_path / "d", "--preset", "tiny", "--batch-size", "8", "--steps", "1",
+            "--embeddings", tmp_path / "emb.npy", "--sample-every", "0"]
+    code, _, err = run(capsys, *base, "--out", tmp_path / "r", "--cond-dropout", "0.05")
+    assert code == 0, err
+    assert load_checkpoint(tmp_path / "r").train_config.cond_dropout == 0.05
+    # 0 trains (its end-of-run grid samples without guidance) and is kept.
+    code, _, err = run(capsys, *base, "--out", tmp_path / "r0", "--cond-dropout", "0")
+    assert code == 0, err
+    assert load_checkpoint(tmp_path / "r0").train_config.cond_dropout == 0.0
+    gen = api.generator(tmp_path / "r0")
+    assert gen.defaults.cfg == 1.0 and api.generator(tmp_path / "r").defaults.cfg == 3.0
+    images = gen(conditions=emb[:2], steps=2)
+    assert images.shape == (2, 32, 32, 3)
+    with pytest.raises(Exception, match="CFG 3 needs an unconditional model"):
+        gen(conditions=emb[:2], steps=2, cfg=3.0)

@@ -55,9 +55,14 @@ class RunWatcher:
                           weights=ema_weights)
         return Generator(ckpt, model)
 
+    @staticmethod
+    def cfg(gen: Generator, train_config) -> float | None:
+        """The run's sample_cfg; None (no guidance) for a run that drops no condition."""
+        return train_config.sample_cfg if gen.guidable else None
+
     def samples(self, step: int, ema_weights: dict, plan) -> dict | None:
         gen, cfg = self.generator(ema_weights, plan), plan.train_config
-        images = gen(conditions=grid_conditions(plan, self.picks), steps=cfg.sample_steps, cfg=cfg.sample_cfg, seed=0)
+        images = gen(conditions=grid_conditions(plan, self.picks), steps=cfg.sample_steps, cfg=self.cfg(gen, cfg), seed=0)
         path = save_png(make_grid(images[np.isin(self.picks, self.grid_rows)], scale=2),
                         self.out_dir / "samples" / f"step-{step:07d}.png")
         if self.on_sample:
@@ -73,4 +78,4 @@ class RunWatcher:
             return None
         gen, cfg = self.generator(ema_weights, plan), plan.train_config
         return {"fid": fid_of_generator(gen, plan.dataset, self.data_dir, n=cfg.eval_samples, steps=cfg.sample_steps,
-                                        cfg=cfg.sample_cfg)}
+                                        cfg=self.cfg(gen, cfg))}
