@@ -425,11 +425,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default: 1)")
     t.add_argument("--t-shift", type=float,
                    help="shift of the training times: > 1 toward noise, < 1 toward clean images, 1 = none "
-                        "(default: the preset's, emoji laptop 3; a resumed run keeps its own; README, "
+                        "(default: the preset's, emoji laptop 10; a resumed run keeps its own; README, "
                         "The full emoji set)")
     t.add_argument("--cond-dropout", type=float,
                    help="share of training images whose text condition is dropped, in [0, 1): what classifier-"
-                        "free guidance samples from (default: the preset's, 0.15 unless it sets one; "
+                        "free guidance samples from (default: the preset's, emoji laptop 0.05, others 0.15; "
                         "0 trains no unconditional model, so sample with --cfg 1; a resumed run keeps its own)")
     t.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: the preset's)")
     t.add_argument("--compile", action=argparse.BooleanOptionalAction,
