@@ -428,8 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the preset's, emoji laptop 10; a resumed run keeps its own; README, "
                         "The full emoji set)")
     t.add_argument("--cond-dropout", type=float,
-                   help="share of training images whose text condition is dropped, in [0, 1): what classifier-"
-                        "free guidance samples from (default: the preset's, emoji laptop 0.05, others 0.15; "
+                   help="share of training images whose condition (text or class) is dropped, in [0, 1): what "
+                        "classifier-free guidance steers against (default: the preset's: emoji laptop 0.05, "
+                        "other emoji 0.15, jit and dit 0.1; "
                         "0 trains no unconditional model, so sample with --cfg 1; a resumed run keeps its own)")
     t.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: the preset's)")
     t.add_argument("--compile", action=argparse.BooleanOptionalAction,
@@ -465,7 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time-grid shift: > 1 spends more steps near noise, < 1 near the data (default: the "
                         "family's for its solver, else 1)")
     s.add_argument("--verbose", action="store_true", help="print sampling time per image and network evaluations")
-    s.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = off; default: the family's)")
+    s.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = off; default: the family's, 1 for a run "
+                                                   "trained with --cond-dropout 0)")
     s.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LO", "HI"), help="apply CFG only for t in [LO, HI]")
     s.add_argument("--seed", type=int, default=0, help="noise seed, a whole number >= 0 (default 0)")
     s.add_argument("--framework", choices=["mlx", "torch"], default="mlx",
@@ -484,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     fd.add_argument("--steps", type=int, help="solver steps (default: the family's)")
     fd.add_argument("--solver", choices=sorted(SOLVERS), help="(default: the family's)")
     fd.add_argument("--shift", type=float, help="time-grid shift (default: the family's for its solver)")
-    fd.add_argument("--cfg", type=float, help="guidance scale (default: the family's)")
+    fd.add_argument("--cfg", type=float, help="guidance scale (default: the family's; 1 after --cond-dropout 0)")
     fd.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     fd.add_argument("--fid-weights", help="inception-2015-12-05.pt (default: $MLXFLOW_FID_WEIGHTS, caches)")
     fd.set_defaults(func=cmd_fid)
@@ -497,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="schedules to compare (default: euler 50 and five 10-evaluation ones)")
     so.add_argument("--data", help="dataset folder: also score prompt fidelity (prompts must be its captions)")
     so.add_argument("--n", type=int, default=4, help="samples per prompt (default 4)")
-    so.add_argument("--cfg", type=float, help="guidance scale (default: the family's)")
+    so.add_argument("--cfg", type=float, help="guidance scale (default: the family's; 1 after --cond-dropout 0)")
     so.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     so.set_defaults(func=cmd_solvers)
 
@@ -534,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--solver", choices=sorted(SOLVERS), help="(default: the family's)")
     f.add_argument("--shift", type=float, help="time-grid shift (default: the family's for its solver)")
     f.add_argument("--prompts", nargs="+", help="training captions to score (default: --k spread over the set)")
-    f.add_argument("--cfg", type=float, help="(default: the family's)")
+    f.add_argument("--cfg", type=float, help="(default: the family's; 1 after --cond-dropout 0)")
     f.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     f.add_argument("--baseline", action="store_true", help="also score an untrained model of the same shape")
     f.set_defaults(func=cmd_fidelity)

@@ -245,7 +245,7 @@ class Generator:
         settings = self.defaults.resolve(steps=steps, solver=solver, cfg=cfg, cfg_interval=cfg_interval, shift=shift)
         if settings.cfg != 1 and not self.guidable:
             raise MlxflowError(f"CFG {settings.cfg:g} needs an unconditional model, and this run trained with "
-                               "cond_dropout 0 (no condition ever dropped): sample it with --cfg 1")
+                               "--cond-dropout 0 (no condition ever dropped): use CFG 1")
         seed = check_seed(seed)
         if conditions is None:
             conditions = np.repeat(self.conditions(prompts, embeddings), check_count(n), axis=0)
