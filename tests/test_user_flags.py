@@ -16,6 +16,7 @@ from conftest import caption_code_encoder, make_shapes_dataset, micro_emoji_conf
 from mlxflow import api
 from mlxflow import encoders as text
 from mlxflow.checkpoint import checkpoint_step, list_checkpoints
+from mlxflow.errors import MlxflowError
 from mlxflow.families import load_checkpoint
 from mlxflow.train.mlx_session import train
 from test_long_runs import finish, start, wait_for_step
@@ -245,5 +246,5 @@ def test_cond_dropout_flag_and_a_run_without_guidance(tmp_path, capsys):
     assert gen.defaults.cfg == 1.0 and api.generator(tmp_path / "r").defaults.cfg == 3.0
     images = gen(conditions=emb[:2], steps=2)
     assert images.shape == (2, 32, 32, 3)
-    with pytest.raises(Exception, match="CFG 3 needs an unconditional model"):
+    with pytest.raises(MlxflowError, match="CFG 3 needs an unconditional model"):
         gen(conditions=emb[:2], steps=2, cfg=3.0)
