@@ -34,6 +34,7 @@ class TrainConfig:
     t_mean: float = 0.0  # logit-normal parameters
     t_std: float = 1.0
     t_shift: float = 1.0  # resolution shift (>1 spends more steps near noise)
+    t_unshifted: float = 0.0  # fraction of each batch (evenly spread rows) whose t skips t_shift
     noise_scale: float = 1.0  # x0 ~ N(0, noise_scale^2): JiT uses 2 at 512px so noise still dominates
     bf16: bool = False
     # torch only; None = on for CUDA, off elsewhere (measure before changing either default).
@@ -81,7 +82,7 @@ class TrainConfig:
             need(finite(getattr(self, name)) and getattr(self, name) >= 0, name, "a number >= 0")
         for name in ("ema_decay", "ema_decay2", "cond_dropout"):
             need(finite(getattr(self, name)) and 0 <= getattr(self, name) < 1, name, "in [0, 1)")
-        for name in ("min_lr_ratio", "warmup_start"):
+        for name in ("min_lr_ratio", "warmup_start", "t_unshifted"):
             need(finite(getattr(self, name)) and 0 <= getattr(self, name) <= 1, name, "in [0, 1]")
         for name in ("t_std", "t_shift", "noise_scale"):
             need(finite(getattr(self, name)) and getattr(self, name) > 0, name, "a number > 0")

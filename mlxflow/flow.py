@@ -127,18 +127,50 @@ def logit_normal_time(z, mean: float = 0.0, std: float = 1.0, shift: float = 1.0
     return shift_time(xp.sigmoid(mean + std * z) if xp.__name__ != "numpy" else 1 / (1 + xp.exp(-(mean + std * z))), shift)
 
 
+def unshifted_rows(n: int, fraction: float, like):
+    """(n,) 0/1 mask with round-down(n * fraction) ones spread evenly over the rows.
+
+    Row i is marked when floor((i + 1) f) > floor(i f): for f = 0.25 rows 3, 7, 11, ...
+    Spread rather than leading, so that with the stratified sampler the marked rows
+    still cover all of [0, 1]. `like` is an array of the framework (and device) to use.
+    """
+    xp = _xp(like)
+    if xp.__name__ == "torch":
+        i = xp.arange(n, dtype=like.dtype, device=like.device)
+    else:
+        i = xp.arange(n).astype(like.dtype)
+    return xp.floor((i + 1) * fraction) - xp.floor(i * fraction)
+
+
+def mixed_shift_time(t, shift: float, unshifted: float = 0.0):
+    """`shift_time` on every row but an evenly spread fraction `unshifted` that keeps t as drawn.
+
+    The mixture spends most of a batch at high noise (the strong shift) while a share of
+    it still covers the low-noise end, where a strong shift alone leaves fine detail (and
+    a clean background) barely trained.
+    """
+    if unshifted == 0.0 or shift == 1.0:
+        return shift_time(t, shift)
+    keep = unshifted_rows(t.shape[0], unshifted, t)
+    return keep * t + (1 - keep) * shift_time(t, shift)
+
+
 TIME_SAMPLERS = ("uniform", "stratified", "logit_normal")
 
 
-def sample_time(kind: str, draw_uniform, draw_normal, n: int, mean=0.0, std=1.0, shift=1.0):
-    """Draw n training times. `draw_uniform(n)` / `draw_normal(n)` come from the caller's RNG."""
+def sample_time(kind: str, draw_uniform, draw_normal, n: int, mean=0.0, std=1.0, shift=1.0, unshifted=0.0):
+    """Draw n training times in [0, 1] (0 = noise). `draw_uniform(n)` / `draw_normal(n)` come
+    from the caller's RNG; `shift` is applied to all rows but the fraction `unshifted`
+    (see `mixed_shift_time`). MlxflowError for an unknown kind."""
     if kind == "uniform":
-        return uniform_time(draw_uniform(n), shift)
-    if kind == "stratified":
-        return stratified_time(draw_uniform(n), shift)
-    if kind == "logit_normal":
-        return logit_normal_time(draw_normal(n), mean, std, shift)
-    raise MlxflowError(f"unknown time sampler '{kind}' (known: {', '.join(TIME_SAMPLERS)})")
+        t = uniform_time(draw_uniform(n))
+    elif kind == "stratified":
+        t = stratified_time(draw_uniform(n))
+    elif kind == "logit_normal":
+        t = logit_normal_time(draw_normal(n), mean, std)
+    else:
+        raise MlxflowError(f"unknown time sampler '{kind}' (known: {', '.join(TIME_SAMPLERS)})")
+    return mixed_shift_time(t, shift, unshifted)
 
 
 def time_grid(steps: int, shift: float = 1.0):

@@ -72,6 +72,33 @@ def test_time_samplers():
         flow.sample_time("bogus", None, None, 3)
 
 
+@pytest.mark.parametrize("n,fraction,count", [(32, 0.25, 8), (32, 0.0, 0), (32, 1.0, 32), (10, 0.3, 3), (7, 0.5, 3)])
+def test_unshifted_rows_are_counted_and_spread(n, fraction, count):
+    mask = flow.unshifted_rows(n, fraction, np.zeros(n, np.float32))
+    assert set(np.unique(mask)) <= {0.0, 1.0} and mask.sum() == count
+    if 0 < count < n:  # spread: no two marked rows are closer than the even spacing allows
+        gaps = np.diff(np.flatnonzero(mask))
+        assert gaps.min() >= int(1 / fraction)
+
+
+def test_mixed_shift_keeps_a_share_of_t_as_drawn():
+    rng = np.random.default_rng(3)
+    u = rng.random(64).astype(np.float32)
+    t = flow.stratified_time(u)
+    mixed = flow.mixed_shift_time(t, 20.0, 0.25)
+    kept = flow.unshifted_rows(64, 0.25, t).astype(bool)
+    assert np.array_equal(mixed[kept], t[kept])
+    assert np.allclose(mixed[~kept], flow.shift_time(t[~kept], 20.0))
+    # the kept rows still span [0, 1] under the stratified sampler
+    assert t[kept].min() < 0.1 and t[kept].max() > 0.9
+    assert np.array_equal(flow.mixed_shift_time(t, 20.0, 0.0), flow.shift_time(t, 20.0))
+    # the trainers' frameworks agree row for row
+    args = ("stratified", None, None, 64, 0.0, 1.0, 20.0, 0.25)
+    via_torch = flow.sample_time(args[0], lambda n: torch.from_numpy(u[:n]), *args[2:])
+    via_mlx = flow.sample_time(args[0], lambda n: mx.array(u[:n]), *args[2:])
+    assert np.allclose(via_torch.numpy(), mixed, atol=1e-6) and np.allclose(np.asarray(via_mlx), mixed, atol=1e-6)
+
+
 def test_time_grid_and_cfg():
     assert flow.time_grid(4) == [0.0, 0.25, 0.5, 0.75, 1.0]
     with pytest.raises(MlxflowError):

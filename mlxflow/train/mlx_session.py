@@ -109,7 +109,8 @@ def make_train_step(model, ema, optimizer, cfg: TrainConfig, family=None, ema2=N
             n, rows = b * world, slice(rank * b, (rank + 1) * b)  # the global batch; this rank's rows
             x0 = cfg.noise_scale * mx.random.normal((n, *x1.shape[1:]), dtype=compute_dtype, key=k_noise)[rows]
             t = sample_time(cfg.time_sampler, lambda n: mx.random.uniform(shape=(n,), key=k_t),
-                            lambda n: mx.random.normal((n,), key=k_t), n, cfg.t_mean, cfg.t_std, cfg.t_shift)[rows]
+                            lambda n: mx.random.normal((n,), key=k_t), n, cfg.t_mean, cfg.t_std, cfg.t_shift,
+                            cfg.t_unshifted)[rows]
             keep = (mx.random.uniform(shape=(n,), key=k_drop) >= cfg.cond_dropout)[rows]
             cond = drop(kind, text[a], keep, mcfg)
             cond = cond.astype(compute_dtype) if kind == "text" else cond

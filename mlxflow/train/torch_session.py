@@ -81,7 +81,7 @@ def draw_step_noise(cfg: TrainConfig, step: int, micro: int, batch: int, image_s
     t = sample_time(cfg.time_sampler,
                     lambda n: torch.rand(n, generator=g, device=dev),
                     lambda n: torch.randn(n, generator=g, device=dev),
-                    batch, cfg.t_mean, cfg.t_std, cfg.t_shift)
+                    batch, cfg.t_mean, cfg.t_std, cfg.t_shift, cfg.t_unshifted)
     keep = (torch.rand(batch, generator=g, device=dev) >= cfg.cond_dropout).float()
     return x0, t, keep
 
