@@ -110,7 +110,7 @@ def cmd_train(args) -> int:
                  "sample_every": args.sample_every, "compile": args.compile,
                  "fused_adamw": args.fused_adamw, "fused_attention": args.fused_attention,
                  "device_data": args.device_data, "t_shift": args.t_shift,
-                 "cond_dropout": args.cond_dropout}
+                 "t_unshifted": args.t_unshifted, "cond_dropout": args.cond_dropout}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     embeddings = api.load_embeddings(args.embeddings) if args.embeddings else None
     log_every = args.log_every
@@ -427,6 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shift of the training times: > 1 toward noise, < 1 toward clean images, 1 = none "
                         "(default: the preset's, emoji laptop 10; a resumed run keeps its own; README, "
                         "The full emoji set)")
+    t.add_argument("--t-unshifted", type=float,
+                   help="share of each batch, in [0, 1], whose training times skip --t-shift (evenly spread "
+                        "rows), so a strong shift still trains the low-noise end (default: the preset's, 0 = none; "
+                        "a resumed run keeps its own)")
     t.add_argument("--cond-dropout", type=float,
                    help="share of training images whose condition (text or class) is dropped, in [0, 1): what "
                         "classifier-free guidance steers against (default: the preset's: emoji laptop 0.05, "

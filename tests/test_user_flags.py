@@ -95,6 +95,9 @@ def test_unseen_prompt_names_the_nearest_training_caption(trained, tmp_path, cap
     (["--t-shift", "-2"], "t-shift must be a number > 0, got -2"),
     (["--t-shift", "nan"], "t-shift must be a number > 0, got nan"),
     (["--t-shift", "inf"], "t-shift must be a number > 0, got inf"),
+    (["--t-unshifted", "-0.1"], "t-unshifted must be in [0, 1], got -0.1"),
+    (["--t-unshifted", "1.5"], "t-unshifted must be in [0, 1], got 1.5"),
+    (["--t-unshifted", "nan"], "t-unshifted must be in [0, 1], got nan"),
     (["--cond-dropout", "-0.1"], "cond-dropout must be in [0, 1), got -0.1"),
     (["--cond-dropout", "1"], "cond-dropout must be in [0, 1), got 1"),
     (["--cond-dropout", "nan"], "cond-dropout must be in [0, 1), got nan"),
@@ -130,6 +133,7 @@ def test_resume_keeps_or_refuses_settings_in_one_line(tmp_path, capsys):
                            (["--grad-accum", "2"], "--grad-accum 2: a resumed run keeps its grad accum 1"),
                            (["--text-encoder", "minilm"], "--text-encoder minilm: a resumed run keeps its encoder"),
                            (["--t-shift", "3"], "--t-shift 3.0: a resumed run keeps its t shift 1.0"),
+                           (["--t-unshifted", "0.25"], "--t-unshifted 0.25: a resumed run keeps its t unshifted 0.0"),
                            (["--cond-dropout", "0.3"], "--cond-dropout 0.3: a resumed run keeps its cond dropout 0.15")]:
         argv = [a for a in base if a not in ("--preset", "tiny")] if "--preset" in flags else list(base)
         if "--batch-size" in flags:
@@ -218,14 +222,16 @@ def test_schedule_values_are_checked(trained, capsys):
         assert "--schedule" in one_error(capsys, "solvers", trained, "red square", "--schedule", spec)
 
 
-def test_t_shift_flag_is_honoured_and_kept(tmp_path, capsys):
-    """--t-shift reaches the trainer's config and is recorded in the checkpoint."""
+def test_t_shift_flags_are_honoured_and_kept(tmp_path, capsys):
+    """--t-shift and --t-unshifted reach the trainer's config and are recorded in the checkpoint."""
     ds, emb = make_shapes_dataset(tmp_path / "d", n=16)
     np.save(tmp_path / "emb.npy", emb)
     code, _, err = run(capsys, "train", "emoji", "--data", tmp_path / "d", "--out", tmp_path / "r", "--preset", "tiny",
-                       "--batch-size", "8", "--steps", "1", "--embeddings", tmp_path / "emb.npy", "--t-shift", "4")
+                       "--batch-size", "8", "--steps", "1", "--embeddings", tmp_path / "emb.npy", "--t-shift", "4",
+                       "--t-unshifted", "0.25")
     assert code == 0, err
-    assert load_checkpoint(tmp_path / "r").train_config.t_shift == 4.0
+    kept = load_checkpoint(tmp_path / "r").train_config
+    assert (kept.t_shift, kept.t_unshifted) == (4.0, 0.25)
 
 
 def test_cond_dropout_flag_and_a_run_without_guidance(tmp_path, capsys):
