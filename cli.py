@@ -420,7 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "none) | a checkpoint folder; see README, Long runs, for what a resumed run keeps")
     t.add_argument("--text-encoder", help="frozen text encoder spec (default: the family's: emoji minilm-tokens, "
                                           "jit minilm; dit reads its latent cache's)")
-    t.add_argument("--batch-size", type=int, help="images per optimizer step, across all ranks (default: the preset's)")
+    t.add_argument("--batch-size", type=int, help="images per micro-batch, across all ranks; an optimizer step takes batch size x "
+                                          "--grad-accum (default: the preset's)")
     t.add_argument("--lr", type=float, help="peak learning rate (warmup, then cosine; default: the preset's)")
     t.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default: 1)")
     t.add_argument("--t-shift", type=float,
@@ -428,9 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the preset's, emoji laptop 10; a resumed run keeps its own; README, "
                         "The full emoji set)")
     t.add_argument("--t-unshifted", type=float,
-                   help="share of each batch, in [0, 1], whose training times skip --t-shift (evenly spread "
-                        "rows), so a strong shift still trains the low-noise end (default: the preset's, 0 = none; "
-                        "a resumed run keeps its own)")
+                   help="share of each batch, in [0, 1), whose training times skip --t-shift, so a strong "
+                        "shift still trains the low-noise end; round-down(batch size x share) rows, at least one "
+                        "(default: the preset's, 0 = none; a resumed run keeps its own)")
     t.add_argument("--cond-dropout", type=float,
                    help="share of training images whose condition (text or class) is dropped, in [0, 1): what "
                         "classifier-free guidance steers against (default: the preset's: emoji laptop 0.05, "

@@ -34,7 +34,7 @@ class TrainConfig:
     t_mean: float = 0.0  # logit-normal parameters
     t_std: float = 1.0
     t_shift: float = 1.0  # resolution shift (>1 spends more steps near noise)
-    t_unshifted: float = 0.0  # fraction of each batch (evenly spread rows) whose t skips t_shift
+    t_unshifted: float = 0.0  # share of each batch, round-down(batch x share) rows, whose t skips t_shift
     noise_scale: float = 1.0  # x0 ~ N(0, noise_scale^2): JiT uses 2 at 512px so noise still dominates
     bf16: bool = False
     # torch only; None = on for CUDA, off elsewhere (measure before changing either default).
@@ -82,8 +82,13 @@ class TrainConfig:
             need(finite(getattr(self, name)) and getattr(self, name) >= 0, name, "a number >= 0")
         for name in ("ema_decay", "ema_decay2", "cond_dropout"):
             need(finite(getattr(self, name)) and 0 <= getattr(self, name) < 1, name, "in [0, 1)")
-        for name in ("min_lr_ratio", "warmup_start", "t_unshifted"):
+        for name in ("min_lr_ratio", "warmup_start"):
             need(finite(getattr(self, name)) and 0 <= getattr(self, name) <= 1, name, "in [0, 1]")
+        # 1 would undo --t-shift on every row: that is --t-shift 1.
+        need(finite(self.t_unshifted) and 0 <= self.t_unshifted < 1, "t_unshifted", "in [0, 1)")
+        if self.t_unshifted > 0 and math.floor(self.batch_size * self.t_unshifted) < 1:
+            raise MlxflowError(f"t-unshifted {self.t_unshifted:g} marks no row of a batch of {self.batch_size} "
+                               f"(round-down of batch x share): use 0, or at least 1/{self.batch_size}")
         for name in ("t_std", "t_shift", "noise_scale"):
             need(finite(getattr(self, name)) and getattr(self, name) > 0, name, "a number > 0")
         need(len(self.betas) == 2 and all(finite(b) and 0 <= b < 1 for b in self.betas), "betas", "two numbers in [0, 1)")

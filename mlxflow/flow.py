@@ -127,27 +127,34 @@ def logit_normal_time(z, mean: float = 0.0, std: float = 1.0, shift: float = 1.0
     return shift_time(xp.sigmoid(mean + std * z) if xp.__name__ != "numpy" else 1 / (1 + xp.exp(-(mean + std * z))), shift)
 
 
-def unshifted_rows(n: int, fraction: float, like):
-    """(n,) 0/1 mask with round-down(n * fraction) ones spread evenly over the rows.
+def unshifted_count(n: int, fraction: float) -> int:
+    """How many of n rows the share `fraction` marks: round-down(n * fraction), on the host."""
+    return int(math.floor(n * fraction))
 
-    Row i is marked when floor((i + 1) f) > floor(i f): for f = 0.25 rows 3, 7, 11, ...
-    Spread rather than leading, so that with the stratified sampler the marked rows
-    still cover all of [0, 1]. `like` is an array of the framework (and device) to use.
+
+def unshifted_rows(n: int, fraction: float, like):
+    """(n,) 0/1 mask with k = `unshifted_count(n, fraction)` ones spread evenly over the rows.
+
+    Row i is marked when floor((i + 1) k / n) > floor(i k / n): for k / n = 1/4 rows 3, 7,
+    11, ... (exact in float32: integer ratios with small n). `like` is an array of the
+    framework (and device) to use.
     """
     xp = _xp(like)
+    k = unshifted_count(n, fraction)
     if xp.__name__ == "torch":
         i = xp.arange(n, dtype=like.dtype, device=like.device)
     else:
         i = xp.arange(n).astype(like.dtype)
-    return xp.floor((i + 1) * fraction) - xp.floor(i * fraction)
+    return xp.floor((i + 1) * k / n) - xp.floor(i * k / n)
 
 
 def mixed_shift_time(t, shift: float, unshifted: float = 0.0):
-    """`shift_time` on every row but an evenly spread fraction `unshifted` that keeps t as drawn.
+    """`shift_time` on every row but the share `unshifted` (`unshifted_rows`), which keeps t as drawn.
 
     The mixture spends most of a batch at high noise (the strong shift) while a share of
     it still covers the low-noise end, where a strong shift alone leaves fine detail (and
-    a clean background) barely trained.
+    a clean background) barely trained. For i.i.d. draws (uniform, logit-normal); the
+    stratified sampler splits its strata instead (`stratified_mixed_time`).
     """
     if unshifted == 0.0 or shift == 1.0:
         return shift_time(t, shift)
@@ -155,22 +162,42 @@ def mixed_shift_time(t, shift: float, unshifted: float = 0.0):
     return keep * t + (1 - keep) * shift_time(t, shift)
 
 
+def stratified_mixed_time(u, shift: float, unshifted: float):
+    """The stratified sampler with a share `unshifted` of the rows left unshifted.
+
+    The marked rows (`unshifted_rows`, k of them) are stratified over [0, 1] among
+    themselves, one draw per [j/k, (j+1)/k), and the other n - k rows likewise before the
+    shift, so each group covers the whole interval. (Marking rows of one stratified batch
+    instead would draw the unshifted times from a fixed comb of strata.)
+    """
+    if unshifted == 0.0 or shift == 1.0:
+        return stratified_time(u, shift)
+    xp = _xp(u)
+    n = u.shape[0]
+    k = unshifted_count(n, unshifted)
+    keep = unshifted_rows(n, unshifted, u)
+    rank_kept = xp.cumsum(keep, axis=0) - keep  # j for the j-th marked row
+    rank_shifted = xp.cumsum(1 - keep, axis=0) - (1 - keep)
+    t_kept = (rank_kept + u) / max(k, 1)
+    t_shifted = shift_time((rank_shifted + u) / max(n - k, 1), shift)
+    return keep * t_kept + (1 - keep) * t_shifted
+
+
 TIME_SAMPLERS = ("uniform", "stratified", "logit_normal")
 
 
 def sample_time(kind: str, draw_uniform, draw_normal, n: int, mean=0.0, std=1.0, shift=1.0, unshifted=0.0):
     """Draw n training times in [0, 1] (0 = noise). `draw_uniform(n)` / `draw_normal(n)` come
-    from the caller's RNG; `shift` is applied to all rows but the fraction `unshifted`
-    (see `mixed_shift_time`). MlxflowError for an unknown kind."""
+    from the caller's RNG; `shift` is applied to all rows but the share `unshifted`
+    (round-down(n * unshifted) rows; see `mixed_shift_time`, `stratified_mixed_time`).
+    MlxflowError for an unknown kind."""
     if kind == "uniform":
-        t = uniform_time(draw_uniform(n))
-    elif kind == "stratified":
-        t = stratified_time(draw_uniform(n))
-    elif kind == "logit_normal":
-        t = logit_normal_time(draw_normal(n), mean, std)
-    else:
-        raise MlxflowError(f"unknown time sampler '{kind}' (known: {', '.join(TIME_SAMPLERS)})")
-    return mixed_shift_time(t, shift, unshifted)
+        return mixed_shift_time(uniform_time(draw_uniform(n)), shift, unshifted)
+    if kind == "stratified":
+        return stratified_mixed_time(draw_uniform(n), shift, unshifted)
+    if kind == "logit_normal":
+        return mixed_shift_time(logit_normal_time(draw_normal(n), mean, std), shift, unshifted)
+    raise MlxflowError(f"unknown time sampler '{kind}' (known: {', '.join(TIME_SAMPLERS)})")
 
 
 def time_grid(steps: int, shift: float = 1.0):

@@ -83,20 +83,40 @@ def test_unshifted_rows_are_counted_and_spread(n, fraction, count):
 
 def test_mixed_shift_keeps_a_share_of_t_as_drawn():
     rng = np.random.default_rng(3)
-    u = rng.random(64).astype(np.float32)
-    t = flow.stratified_time(u)
+    t = rng.random(64).astype(np.float32)
     mixed = flow.mixed_shift_time(t, 20.0, 0.25)
     kept = flow.unshifted_rows(64, 0.25, t).astype(bool)
     assert np.array_equal(mixed[kept], t[kept])
     assert np.allclose(mixed[~kept], flow.shift_time(t[~kept], 20.0))
-    # the kept rows still span [0, 1] under the stratified sampler
-    assert t[kept].min() < 0.1 and t[kept].max() > 0.9
     assert np.array_equal(flow.mixed_shift_time(t, 20.0, 0.0), flow.shift_time(t, 20.0))
+
+
+def test_stratified_mixture_stratifies_each_share_over_all_of_0_1():
+    """Each group (kept rows, shifted rows) has one draw per stratum of its own size, so the
+    unshifted times reach every part of [0, 1], not a fixed comb of the batch's strata."""
+    n, share, shift = 32, 0.25, 20.0
+    rng = np.random.default_rng(4)
+    u = rng.random(n).astype(np.float32)
+    t = flow.stratified_mixed_time(u, shift, share)
+    kept = flow.unshifted_rows(n, share, u).astype(bool)
+    k = int(kept.sum())
+    assert k == 8
+    assert np.allclose(t[kept] * k, np.arange(k) + u[kept], atol=1e-5)  # the j-th kept row in [j/k, (j+1)/k)
+    unshift = lambda s: shift * s / (1 + (shift - 1) * s)  # inverse of t / (t + shift (1 - t))  # noqa: E731
+    assert np.allclose(unshift(t[~kept]) * (n - k), np.arange(n - k) + u[~kept], atol=1e-3)
+    # over many batches every one of 32 bins above t = 0.5 is reached, and the share of
+    # t > 0.5 is 0.75 P_shifted + 0.25 * 0.5
+    ts = np.concatenate([flow.stratified_mixed_time(rng.random(n).astype(np.float32), shift, share)
+                         for _ in range(2000)])
+    hist, _ = np.histogram(ts, bins=64, range=(0, 1))
+    assert hist[32:].min() > 0
+    assert (ts > 0.5).mean() == pytest.approx(0.75 * (1 / (1 + shift)) + 0.125, abs=0.01)
+    assert np.array_equal(flow.stratified_mixed_time(u, shift, 0.0), flow.stratified_time(u, shift))
     # the trainers' frameworks agree row for row
-    args = ("stratified", None, None, 64, 0.0, 1.0, 20.0, 0.25)
-    via_torch = flow.sample_time(args[0], lambda n: torch.from_numpy(u[:n]), *args[2:])
-    via_mlx = flow.sample_time(args[0], lambda n: mx.array(u[:n]), *args[2:])
-    assert np.allclose(via_torch.numpy(), mixed, atol=1e-6) and np.allclose(np.asarray(via_mlx), mixed, atol=1e-6)
+    args = (None, n, 0.0, 1.0, shift, share)
+    via_torch = flow.sample_time("stratified", lambda m: torch.from_numpy(u[:m]), *args)
+    via_mlx = flow.sample_time("stratified", lambda m: mx.array(u[:m]), *args)
+    assert np.allclose(via_torch.numpy(), t, atol=1e-6) and np.allclose(np.asarray(via_mlx), t, atol=1e-6)
 
 
 def test_time_grid_and_cfg():
