@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 from .errors import MlxflowError
+from .flow import unshifted_count
 
 
 @dataclass
@@ -86,9 +87,11 @@ class TrainConfig:
             need(finite(getattr(self, name)) and 0 <= getattr(self, name) <= 1, name, "in [0, 1]")
         # 1 would undo --t-shift on every row: that is --t-shift 1.
         need(finite(self.t_unshifted) and 0 <= self.t_unshifted < 1, "t_unshifted", "in [0, 1)")
-        if self.t_unshifted > 0 and math.floor(self.batch_size * self.t_unshifted) < 1:
+        if self.t_unshifted > 0 and unshifted_count(self.batch_size, self.t_unshifted) < 1:
             raise MlxflowError(f"t-unshifted {self.t_unshifted:g} marks no row of a batch of {self.batch_size} "
                                f"(round-down of batch x share): use 0, or at least 1/{self.batch_size}")
+        if self.t_unshifted > 0 and self.t_shift == 1:
+            raise MlxflowError(f"t-unshifted {self.t_unshifted:g} has no effect with t-shift 1 (no shift to skip)")
         for name in ("t_std", "t_shift", "noise_scale"):
             need(finite(getattr(self, name)) and getattr(self, name) > 0, name, "a number > 0")
         need(len(self.betas) == 2 and all(finite(b) and 0 <= b < 1 for b in self.betas), "betas", "two numbers in [0, 1)")

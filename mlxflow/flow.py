@@ -128,8 +128,11 @@ def logit_normal_time(z, mean: float = 0.0, std: float = 1.0, shift: float = 1.0
 
 
 def unshifted_count(n: int, fraction: float) -> int:
-    """How many of n rows the share `fraction` marks: round-down(n * fraction), on the host."""
-    return int(math.floor(n * fraction))
+    """How many of n rows the share `fraction` marks: round-down(n * fraction), on the host.
+
+    The 1e-9 keeps a decimal share whole where it should be (100 x 0.29 is 28.999... in floats).
+    """
+    return int(math.floor(n * fraction + 1e-9))
 
 
 def unshifted_rows(n: int, fraction: float, like):

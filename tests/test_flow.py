@@ -72,7 +72,8 @@ def test_time_samplers():
         flow.sample_time("bogus", None, None, 3)
 
 
-@pytest.mark.parametrize("n,fraction,count", [(32, 0.25, 8), (32, 0.0, 0), (32, 1.0, 32), (10, 0.3, 3), (7, 0.5, 3)])
+@pytest.mark.parametrize("n,fraction,count", [(32, 0.25, 8), (32, 0.0, 0), (32, 1.0, 32), (10, 0.3, 3), (7, 0.5, 3),
+                                                 (100, 0.29, 29), (100, 0.57, 57)])
 def test_unshifted_rows_are_counted_and_spread(n, fraction, count):
     mask = flow.unshifted_rows(n, fraction, np.zeros(n, np.float32))
     assert set(np.unique(mask)) <= {0.0, 1.0} and mask.sum() == count

@@ -98,7 +98,8 @@ def test_unseen_prompt_names_the_nearest_training_caption(trained, tmp_path, cap
     (["--t-unshifted", "-0.1"], "t-unshifted must be in [0, 1), got -0.1"),
     (["--t-unshifted", "1"], "t-unshifted must be in [0, 1), got 1"),
     (["--t-unshifted", "nan"], "t-unshifted must be in [0, 1), got nan"),
-    (["--batch-size", "8", "--t-unshifted", "0.1"], "t-unshifted 0.1 marks no row of a batch of 8"),
+    (["--batch-size", "8", "--t-unshifted", "0.1", "--t-shift", "4"], "t-unshifted 0.1 marks no row of a batch of 8"),
+    (["--t-unshifted", "0.25"], "t-unshifted 0.25 has no effect with t-shift 1"),
     (["--cond-dropout", "-0.1"], "cond-dropout must be in [0, 1), got -0.1"),
     (["--cond-dropout", "1"], "cond-dropout must be in [0, 1), got 1"),
     (["--cond-dropout", "nan"], "cond-dropout must be in [0, 1), got nan"),
@@ -134,7 +135,6 @@ def test_resume_keeps_or_refuses_settings_in_one_line(tmp_path, capsys):
                            (["--grad-accum", "2"], "--grad-accum 2: a resumed run keeps its grad accum 1"),
                            (["--text-encoder", "minilm"], "--text-encoder minilm: a resumed run keeps its encoder"),
                            (["--t-shift", "3"], "--t-shift 3.0: a resumed run keeps its t shift 1.0"),
-                           (["--t-unshifted", "0.25"], "--t-unshifted 0.25: a resumed run keeps its t unshifted 0.0"),
                            (["--cond-dropout", "0.3"], "--cond-dropout 0.3: a resumed run keeps its cond dropout 0.15")]:
         argv = [a for a in base if a not in ("--preset", "tiny")] if "--preset" in flags else list(base)
         if "--batch-size" in flags:
@@ -233,6 +233,10 @@ def test_t_shift_flags_are_honoured_and_kept(tmp_path, capsys):
     assert code == 0, err
     kept = load_checkpoint(tmp_path / "r").train_config
     assert (kept.t_shift, kept.t_unshifted) == (4.0, 0.25)
+    line = one_error(capsys, "train", "emoji", "--data", tmp_path / "d", "--out", tmp_path / "r", "--preset", "tiny",
+                     "--batch-size", "8", "--steps", "2", "--embeddings", tmp_path / "emb.npy", "--resume", "latest",
+                     "--t-shift", "4", "--t-unshifted", "0.5")
+    assert "--t-unshifted 0.5: a resumed run keeps its t unshifted 0.25" in line
 
 
 def test_cond_dropout_flag_and_a_run_without_guidance(tmp_path, capsys):
