@@ -87,12 +87,12 @@ EMOJI_TRAIN_PRESETS: dict[str, dict] = {
     # at ~1.8x the images per second of batch 16); a grid and a fidelity estimate every 4k images.
     # t_shift 10 trains mostly at high noise (median t 0.09), where an emoji's layout and
     # colours are decided, and cond_dropout 0.05 (not the usual 0.15) spends the images on
-    # the conditional model; CFG still pays (with dropout 0.02, CFG 1 scored 0.244 against 0.349).
+    # the conditional model; CFG still pays (t_shift 6 with dropout 0.02: CFG 1 scored 0.244 against 0.349).
     # Fidelity@1 (README, "The full emoji set"): at 200k images 0.523 (uniform t, dropout
     # 0.15) -> 0.944 (t_shift 3) -> 0.969 (t_shift 6, dropout 0.05) -> 0.988 (this) over all 1,898
     # prompts; at 50k 0.051 -> 0.171 -> 0.305 -> 0.429 (475 spread prompts). This recipe's curve
     # over all 1,898 prompts: 0.105 / 0.459 / 0.885 / 0.988 at 25k / 50k / 100k / 200k images.
-    # t_shift 20 scored 0.493 at 50k (475) with visibly speckled samples.
+    # t_shift 20 with dropout 0.02 scored 0.493 at 50k (475) with visibly speckled samples.
     "laptop": dict(steps=6250, batch_size=32, lr=3e-3, warmup_steps=50, ema_decay=0.99, ckpt_every=781,
                    keep_every=1562, sample_every=125, sample_steps=20, t_shift=10.0, cond_dropout=0.05),
     "default": dict(steps=20000, batch_size=32, lr=3e-4, warmup_steps=500, ema_decay=0.999),
