@@ -113,12 +113,18 @@ def uniform_time(u, shift: float = 1.0):
     return shift_time(u, shift)
 
 
+def _arange_like(n: int, like):
+    """0, 1, ..., n-1 in the framework, dtype (and torch device) of the array `like`."""
+    xp = _xp(like)
+    if xp.__name__ == "torch":
+        return xp.arange(n, dtype=like.dtype, device=like.device)
+    return xp.arange(n).astype(like.dtype)
+
+
 def stratified_time(u, shift: float = 1.0):
     """One sample per stratum [i/B, (i+1)/B): lower-variance coverage of [0, 1] per batch."""
-    xp = _xp(u)
     n = u.shape[0]
-    i = xp.arange(n, dtype=u.dtype) if xp.__name__ != "torch" else xp.arange(n, dtype=u.dtype, device=u.device)
-    return shift_time((i + u) / n, shift)
+    return shift_time((_arange_like(n, u) + u) / n, shift)
 
 
 def logit_normal_time(z, mean: float = 0.0, std: float = 1.0, shift: float = 1.0):
@@ -144,10 +150,7 @@ def unshifted_rows(n: int, fraction: float, like):
     """
     xp = _xp(like)
     k = unshifted_count(n, fraction)
-    if xp.__name__ == "torch":
-        i = xp.arange(n, dtype=like.dtype, device=like.device)
-    else:
-        i = xp.arange(n).astype(like.dtype)
+    i = _arange_like(n, like)
     return xp.floor((i + 1) * k / n) - xp.floor(i * k / n)
 
 
